@@ -1,0 +1,11 @@
+//! smelt's data layer: reading tabular text data (CSV, TSV, JSONL) in any encoding,
+//! tokenization, batching, and the real assets used by tests and demos.
+
+pub mod assets;
+pub mod batch;
+pub mod error;
+pub mod examples;
+pub mod table;
+pub mod tokenize;
+
+pub use error::{DataError, Result};

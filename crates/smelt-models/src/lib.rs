@@ -1,0 +1,13 @@
+//! smelt's tensor and model layer: weight files, devices and Transformer models written
+//! against burn's backend-agnostic tensors.
+
+pub mod bert;
+pub mod device;
+pub mod error;
+pub mod fsutil;
+pub mod init;
+pub mod layers;
+pub mod weights;
+
+pub use burn;
+pub use error::{ModelError, Result};

@@ -1,0 +1,7 @@
+//! smelt's tasks: what a user runs, built from the model, data and training layers.
+
+pub mod classify;
+pub mod error;
+pub mod model_dir;
+
+pub use error::{Result, TaskError};

@@ -1,0 +1,200 @@
+//! AdamW with decoupled weight decay (Loshchilov & Hutter), as PyTorch's `torch.optim.AdamW`.
+//! Biases and normalisation parameters get no weight decay.
+
+use crate::grads::GradStore;
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, Tensor};
+use smelt_models::weights::{tensor_from_vec, NamedTensor, WeightFile};
+use std::collections::BTreeMap;
+
+/// AdamW hyper-parameters. Defaults are PyTorch's, except the weight decay, which is the
+/// usual fine-tuning value.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// Whether the parameter at `path` is decayed: not biases, not normalisation parameters.
+pub fn decays(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    let is_norm = path.split('.').any(|seg| seg.contains("norm"));
+    !(last == "bias" || is_norm)
+}
+
+/// First and second moments of one parameter, flattened.
+#[derive(Clone)]
+struct Moments {
+    m: Tensor<1>,
+    v: Tensor<1>,
+}
+
+/// The optimizer and its state.
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Number of updates done.
+    pub step: u64,
+    moments: BTreeMap<String, Moments>,
+}
+
+struct Update<'a> {
+    path: Vec<String>,
+    optim: &'a mut AdamW,
+    grads: &'a GradStore,
+    lr: f64,
+}
+
+impl ModuleMapper for Update<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let Some(grad) = self.grads.grads.get(&path) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let value = tensor.inner().reshape([n]);
+        let updated = self.optim.update(&path, value, grad.clone(), self.lr);
+        let mut restored = Tensor::from_inner(updated.reshape(shape));
+        if require_grad {
+            restored = restored.require_grad();
+        }
+        Param::from_mapped_value(id, restored, mapper)
+    }
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one update with learning rate `lr` to every parameter that has a gradient.
+    pub fn step<M: Module>(&mut self, module: M, grads: &GradStore, lr: f64) -> M {
+        self.step += 1;
+        let mut update = Update {
+            path: Vec::new(),
+            optim: self,
+            grads,
+            lr,
+        };
+        module.map(&mut update)
+    }
+
+    fn update(&mut self, path: &str, param: Tensor<1>, grad: Tensor<1>, lr: f64) -> Tensor<1> {
+        let c = self.config;
+        let t = self.step as i32;
+        let param = if decays(path) && c.weight_decay != 0.0 {
+            param.mul_scalar(1.0 - lr * c.weight_decay)
+        } else {
+            param
+        };
+        let moments = match self.moments.remove(path) {
+            Some(state) => Moments {
+                m: state.m.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1),
+                v: state.v.mul_scalar(c.beta2) + grad.powi_scalar(2).mul_scalar(1.0 - c.beta2),
+            },
+            None => Moments {
+                m: grad.clone().mul_scalar(1.0 - c.beta1),
+                v: grad.powi_scalar(2).mul_scalar(1.0 - c.beta2),
+            },
+        };
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2 = 1.0 - c.beta2.powi(t);
+        let denom = moments
+            .v
+            .clone()
+            .sqrt()
+            .div_scalar(bias2.sqrt())
+            .add_scalar(c.epsilon);
+        let updated = param - moments.m.clone().div(denom).mul_scalar(lr / bias1);
+        self.moments.insert(path.to_string(), moments);
+        updated
+    }
+
+    /// The state as named tensors (`m.<path>`, `v.<path>`) for a checkpoint.
+    pub fn export(&self) -> smelt_models::Result<Vec<NamedTensor>> {
+        let mut out = Vec::with_capacity(self.moments.len() * 2);
+        for (path, state) in &self.moments {
+            out.push(NamedTensor::from_tensor(
+                format!("m.{path}"),
+                state.m.clone(),
+            )?);
+            out.push(NamedTensor::from_tensor(
+                format!("v.{path}"),
+                state.v.clone(),
+            )?);
+        }
+        Ok(out)
+    }
+
+    /// Restores the state written by [`AdamW::export`], checking it against the module's
+    /// parameters: `params` are (path, shape) pairs as given by
+    /// [`crate::grads::parameter_paths`].
+    pub fn import(
+        &mut self,
+        file: &WeightFile,
+        params: &[(String, Vec<usize>)],
+        step: u64,
+        device: &Device,
+    ) -> smelt_models::Result<()> {
+        self.step = step;
+        self.moments.clear();
+        for (path, shape) in params {
+            let name = format!("m.{path}");
+            if !file.contains(&name) {
+                continue; // never updated (frozen, or no gradient yet)
+            }
+            let n: usize = shape.iter().product();
+            let m = file.f32(&name, &[n])?;
+            let v = file.f32(&format!("v.{path}"), &[n])?;
+            self.moments.insert(
+                path.clone(),
+                Moments {
+                    m: tensor_from_vec(m, [n], device),
+                    v: tensor_from_vec(v, [n], device),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_decay_for_biases_and_norms() {
+        assert!(decays("bert.layers.0.query.weight"));
+        assert!(decays("bert.embeddings.word_embeddings"));
+        assert!(!decays("bert.layers.0.query.bias"));
+        assert!(!decays("bert.layers.0.attention_norm.gamma"));
+        assert!(!decays("bert.embeddings.layer_norm.beta"));
+    }
+}
