@@ -123,6 +123,9 @@ enum ClassifyCommand {
         max_length: usize,
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// Also print the raw logits of each text.
+        #[arg(long)]
+        logits: bool,
         /// Texts to classify; stdin (one per line) when none and no --file.
         texts: Vec<String>,
     },
@@ -329,6 +332,7 @@ fn classify_cmd(cmd: ClassifyCommand, device: &smelt_models::device::Device) -> 
             file,
             max_length,
             batch_size,
+            logits,
             texts,
         } => {
             let texts = if !texts.is_empty() {
@@ -356,7 +360,7 @@ fn classify_cmd(cmd: ClassifyCommand, device: &smelt_models::device::Device) -> 
             if texts.is_empty() {
                 bail!("no texts to classify: give them as arguments, with --file, or on stdin");
             }
-            let predictions = classify::predict(&model, &texts, max_length, batch_size, device)?;
+            let predictions = classify::predict(&model, &texts, max_length, batch_size, logits, device)?;
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             for p in predictions {

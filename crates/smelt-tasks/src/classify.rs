@@ -515,6 +515,9 @@ pub struct Prediction {
     pub text: String,
     pub label: String,
     pub probabilities: Map<String, Value>,
+    /// Raw class scores, in label order (only when asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Vec<f32>>,
 }
 
 /// Predicts the class of each text.
@@ -523,6 +526,7 @@ pub fn predict(
     texts: &[String],
     max_length: usize,
     batch_size: usize,
+    with_logits: bool,
     device: &Device,
 ) -> Result<Vec<Prediction>> {
     let classifier = Classifier::load(model_dir, None, 0, false, device)?;
@@ -554,6 +558,7 @@ pub fn predict(
                 .zip(&probs)
                 .map(|(l, p)| (l.clone(), json!(p)))
                 .collect(),
+            logits: with_logits.then(|| row.clone()),
         });
     }
     Ok(out)
