@@ -13,24 +13,31 @@ use smelt_train::optim::{AdamW, AdamWConfig};
 use std::time::Instant;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn main() {
-    let dir = std::env::var("SMELT_BENCH_MODEL").map(Into::into).unwrap_or_else(|_| {
-        smelt_data::assets::locate("models/all-minilm-l6-v2").expect("MiniLM asset")
-    });
+    let dir = std::env::var("SMELT_BENCH_MODEL")
+        .map(Into::into)
+        .unwrap_or_else(|_| {
+            smelt_data::assets::locate("models/all-minilm-l6-v2").expect("MiniLM asset")
+        });
     let steps = env_usize("SMELT_BENCH_STEPS", 5);
     let batch = env_usize("SMELT_BENCH_BATCH", 16);
     let seq = env_usize("SMELT_BENCH_SEQ", 128);
@@ -45,7 +52,9 @@ fn main() {
     let mut state = 12345u64;
     let ids: Vec<i64> = (0..batch * seq)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             1000 + ((state >> 33) % (config.vocab_size as u64 - 1000)) as i64
         })
         .collect();
@@ -63,7 +72,10 @@ fn main() {
     let mut times = Vec::new();
     for step in 0..steps + 2 {
         let start = Instant::now();
-        let loss = cross_entropy(model.forward(input.clone()), labels_tensor(&labels, &device));
+        let loss = cross_entropy(
+            model.forward(input.clone()),
+            labels_tensor(&labels, &device),
+        );
         let mut grads = GradStore::collect(&model, &loss.backward());
         grads.clip_global_norm(1.0);
         model = optim.step(model, &grads, 1e-5);

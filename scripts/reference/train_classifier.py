@@ -13,8 +13,9 @@ Data: TSV files with the header "text<TAB>label", no quoting, one example a line
 strings; class i is the i-th label of the training file in sorted order.
 
 Recipe (a plain loop, the same steps smelt's trainer takes):
-  - BertForSequenceClassification from the model folder; pooler and classifier are newly
-    initialised after torch.manual_seed(seed) (normal, std = initializer_range; zero bias).
+  - BertForSequenceClassification from the model folder, keeping the checkpoint's pooler; the
+    classifier is newly initialised after torch.manual_seed(seed) (normal, std =
+    initializer_range; zero bias).
   - Dropout as in the model config (train mode while training).
   - Each epoch visits the training rows in a new order drawn from a generator seeded with
     the seed; the last batch may be short. Each batch is padded to its longest row.
@@ -198,14 +199,13 @@ def main():
     train_enc = encode(train_rows)
     test_enc = encode(test_rows)
 
-    # Model with a fresh, seeded head.
+    # The checkpoint's encoder and pooler, with a fresh, seeded classifier (as smelt does).
     model = BertForSequenceClassification.from_pretrained(args.model, num_labels=len(label_names))
     std = model.config.initializer_range
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        for layer in (model.bert.pooler.dense, model.classifier):
-            layer.weight.normal_(mean=0.0, std=std)
-            layer.bias.zero_()
+        model.classifier.weight.normal_(mean=0.0, std=std)
+        model.classifier.bias.zero_()
 
     # Optimiser and schedule.
     decay, no_decay = [], []

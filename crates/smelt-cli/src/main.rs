@@ -203,6 +203,7 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .init();
     if let Err(err) = run(Cli::parse()) {
@@ -360,7 +361,8 @@ fn classify_cmd(cmd: ClassifyCommand, device: &smelt_models::device::Device) -> 
             if texts.is_empty() {
                 bail!("no texts to classify: give them as arguments, with --file, or on stdin");
             }
-            let predictions = classify::predict(&model, &texts, max_length, batch_size, logits, device)?;
+            let predictions =
+                classify::predict(&model, &texts, max_length, batch_size, logits, device)?;
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             for p in predictions {
