@@ -45,7 +45,8 @@ fn main() {
     let device = Device::flex().autodiff();
     let config = BertConfig::from_file(&dir.join("config.json")).expect("config");
     let weights = WeightFile::open(&dir.join("model.safetensors")).expect("weights");
-    let (mut model, _) = BertClassifier::load(&config, &weights, 2, 0, &device).expect("model");
+    let (mut model, _) =
+        BertClassifier::load(&config, &weights, 2, false, 0, &device).expect("model");
     drop(weights);
 
     // Fixed pseudo-random tokens (not special ids), full attention mask.

@@ -119,6 +119,9 @@ enum ClassifyCommand {
         /// Read texts from this file, one per line.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Text encoding of --file (a WHATWG label); UTF-8 when omitted.
+        #[arg(long)]
+        encoding: Option<String>,
         #[arg(long, default_value_t = 128)]
         max_length: usize,
         #[arg(long, default_value_t = 64)]
@@ -331,17 +334,25 @@ fn classify_cmd(cmd: ClassifyCommand, device: &smelt_models::device::Device) -> 
         ClassifyCommand::Predict {
             model,
             file,
+            encoding,
             max_length,
             batch_size,
             logits,
             texts,
         } => {
-            let texts = if !texts.is_empty() {
-                texts
+            let texts: Vec<String> = if !texts.is_empty() {
+                let total = texts.len();
+                let kept: Vec<String> =
+                    texts.into_iter().filter(|t| !t.trim().is_empty()).collect();
+                if kept.len() < total {
+                    eprintln!("skipped {} empty texts", total - kept.len());
+                }
+                kept
             } else if let Some(path) = file {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("{}: cannot read as UTF-8 text", path.display()))?;
+                let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+                let text = smelt_data::table::decode(&path, &bytes, encoding.as_deref())?;
                 text.lines()
+                    .map(|l| l.trim_end_matches('\r'))
                     .filter(|l| !l.trim().is_empty())
                     .map(str::to_string)
                     .collect()

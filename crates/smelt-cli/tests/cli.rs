@@ -255,6 +255,8 @@ fn empty_texts_are_skipped_and_counted_or_fatal_under_strict() {
         out_dir.to_str().unwrap(),
         "--data",
         &unknown,
+        "--max-length",
+        "32",
         "--json",
     ]);
     assert_fails_with(
@@ -322,6 +324,8 @@ fn same_seed_gives_same_losses_and_an_eval_report() {
         runs[0].to_str().unwrap(),
         "--data",
         &f.train,
+        "--max-length",
+        "32",
         "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -416,4 +420,34 @@ fn sigkill_then_resume_ends_with_the_same_weights() {
     // Without --resume, an existing run is not overwritten.
     let out = smelt().args(args(&cut)).output().unwrap();
     assert_fails_with(&out, &["already holds a training run", "--resume"]);
+}
+
+#[test]
+fn impossible_options_are_refused_before_any_output() {
+    let f = fixture();
+    let out_dir = f.root.join("out");
+    let out_s = out_dir.to_str().unwrap();
+    let mut args = train_args(&f.model, &f.train, out_s);
+    set(&mut args, "--max-length", "100");
+    assert_fails_with(
+        &run(&args),
+        &["--max-length 100", "max_position_embeddings (64)"],
+    );
+    let mut args = train_args(&f.model, &f.train, out_s);
+    set(&mut args, "--max-length", "2");
+    assert_fails_with(&run(&args), &["--max-length 2 leaves no room"]);
+    let mut args = train_args(&f.model, &f.train, out_s);
+    set(&mut args, "--checkpoint-every", "0");
+    assert_fails_with(&run(&args), &["checkpoint_every", "at least 1"]);
+    let mut args = train_args(&f.model, &f.train, out_s);
+    set(&mut args, "--valid-fraction", "0");
+    set(&mut args, "--patience", "2");
+    assert_fails_with(&run(&args), &["--patience needs validation data"]);
+    assert!(!out_dir.exists());
+
+    // A bare encoder is not a classifier: eval refuses it instead of using a random head.
+    let out = run(&[
+        "classify", "eval", "--model", &f.model, "--data", &f.train, "--json",
+    ]);
+    assert_fails_with(&out, &["config.json has no id2label"]);
 }

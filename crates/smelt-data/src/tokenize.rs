@@ -6,7 +6,9 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 /// A text tokenizer producing model inputs.
 pub struct TextTokenizer {
@@ -114,6 +116,23 @@ impl TextTokenizer {
         inputs: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
         max_length: usize,
     ) -> Result<Vec<Encoded>> {
+        let special = |is_pair: bool| {
+            self.inner
+                .get_post_processor()
+                .map_or(0, |p| p.added_tokens(is_pair))
+        };
+        let check = |is_pair: bool| {
+            let added = special(is_pair);
+            if max_length <= added {
+                return Err(self.error(format!(
+                    "--max-length {max_length} leaves no room for text: {added} special \
+                     tokens are added{}",
+                    if is_pair { " to a sentence pair" } else { "" }
+                )));
+            }
+            Ok(())
+        };
+        check(false)?;
         let mut tokenizer = self.inner.clone();
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -126,6 +145,9 @@ impl TextTokenizer {
         inputs
             .into_iter()
             .map(|(text, pair)| {
+                if pair.is_some() {
+                    check(true)?;
+                }
                 let encoding = match pair {
                     None => tokenizer.encode(text, true),
                     Some(p) => tokenizer.encode((text, p), true),

@@ -5,12 +5,12 @@
 //! offset and a single token type); [`BertConfig::from_json`] refuses it until those are wired
 //! and checked against a reference.
 
+use crate::dropout::Dropout;
 use crate::error::{ModelError, Result};
 use crate::init::HostInit;
 use crate::layers::{Dense, Norm};
 use crate::weights::{NamedTensor, WeightFile};
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::activation::{gelu, log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde_json::{Map, Value};
@@ -105,6 +105,14 @@ impl BertConfig {
                 format!("{num_attention_heads} heads do not divide hidden_size {hidden_size}"),
             ));
         }
+        if let Some(kind) = raw.get("position_embedding_type") {
+            if kind.as_str() != Some("absolute") {
+                return Err(err(
+                    "position_embedding_type",
+                    format!("only `absolute` is supported, found {kind}"),
+                ));
+            }
+        }
         if let Some(act) = raw.get("hidden_act") {
             if act.as_str() != Some("gelu") {
                 return Err(err(
@@ -116,16 +124,27 @@ impl BertConfig {
         let id2label = match raw.get("id2label") {
             None | Some(Value::Null) => None,
             Some(Value::Object(map)) => {
-                let mut labels = vec![None; map.len()];
+                if map.len() < 2 {
+                    return Err(err("id2label", "needs at least 2 classes".into()));
+                }
+                let mut labels: Vec<Option<String>> = vec![None; map.len()];
                 for (k, v) in map {
                     let index: usize = k
                         .parse()
                         .ok()
-                        .filter(|i| *i < map.len())
-                        .ok_or_else(|| err("id2label", format!("bad class index `{k}`")))?;
+                        .filter(|i: &usize| *i < map.len() && i.to_string() == *k)
+                        .ok_or_else(|| {
+                            err(
+                                "id2label",
+                                format!("bad class index `{k}`: expected 0..{}", map.len()),
+                            )
+                        })?;
                     let name = v
                         .as_str()
                         .ok_or_else(|| err("id2label", format!("label {k} is not a string")))?;
+                    if labels.iter().flatten().any(|l| l == name) {
+                        return Err(err("id2label", format!("label `{name}` appears twice")));
+                    }
                     labels[index] = Some(name.to_string());
                 }
                 Some(labels.into_iter().map(|l| l.unwrap_or_default()).collect())
@@ -349,12 +368,13 @@ impl BertClassifier {
 
     /// Loads encoder weights from a safetensors file in either `BertModel` (no prefix) or
     /// `BertForSequenceClassification` (`bert.` prefix) layout. A missing pooler is created;
-    /// the classifier is taken from the file when it has `num_labels` outputs and created
-    /// otherwise. New weights are N(0, initializer_range²) from `seed`, biases zero.
+    /// the classifier is taken from the file when `reuse_classifier` is set and it has
+    /// `num_labels` outputs, and created otherwise. New weights are N(0, initializer_range²) from `seed`, biases zero.
     pub fn load(
         config: &BertConfig,
         file: &WeightFile,
         num_labels: usize,
+        reuse_classifier: bool,
         seed: u64,
         device: &Device,
     ) -> Result<(Self, LoadReport)> {
@@ -371,7 +391,7 @@ impl BertClassifier {
             used.push(n.clone());
             n
         };
-        let dropout = |p: f64| DropoutConfig::new(p).init();
+        let dropout = Dropout::new;
 
         let embeddings = BertEmbeddings {
             word_embeddings: Param::from_tensor(file.tensor(
@@ -444,7 +464,7 @@ impl BertClassifier {
             Dense::init(&mut init, h, h, std, device)
         };
         let classifier = match file.shape("classifier.weight") {
-            Some(shape) if shape == [num_labels, h] => {
+            Some(shape) if reuse_classifier && shape == [num_labels, h] => {
                 Dense::load(file, &take("classifier".into()), h, num_labels, device)?
             }
             _ => {

@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod device;
+pub mod dropout;
 pub mod error;
 pub mod fsutil;
 pub mod init;

@@ -72,6 +72,12 @@ impl Classifier {
                 config.vocab_size
             )));
         }
+        let reuse = match &labels {
+            // A new label set keeps the checkpoint's head only if it names the same classes.
+            Some(l) => config.id2label.as_ref() == Some(l),
+            None => true,
+        };
+        let predicting = labels.is_none();
         let labels = match labels {
             Some(l) => l,
             None => config.id2label.clone().ok_or_else(|| {
@@ -83,7 +89,18 @@ impl Classifier {
             })?,
         };
         let file = WeightFile::open(&source.weights)?;
-        let (model, report) = BertClassifier::load(&config, &file, labels.len(), seed, device)?;
+        let (model, report) =
+            BertClassifier::load(&config, &file, labels.len(), reuse, seed, device)?;
+        if predicting && (report.created_classifier || report.created_pooler) {
+            return Err(TaskError::Invalid(format!(
+                "{}: no trained classifier for the {} labels of config.json (tensors \
+                 `classifier.weight` [{}, {}] and `bert.pooler.dense.weight` expected)",
+                source.weights.display(),
+                labels.len(),
+                labels.len(),
+                config.hidden_size
+            )));
+        }
         if report.created_pooler {
             tracing::info!("{}: no pooler weights; created a new pooler", dir.display());
         }
@@ -307,6 +324,7 @@ impl Task for ClassifyTask<'_> {
             &self.config,
             &file,
             self.labels.len(),
+            true,
             self.options.training.seed,
             &self.device,
         )?;
@@ -330,21 +348,51 @@ pub struct TrainReport {
     pub skipped_empty: usize,
 }
 
-fn fingerprint(options: &TrainOptions) -> String {
+/// FNV-1a over the resolved options and the bytes of the data files and model config, so
+/// that a resume with other options or edited data is refused.
+fn fingerprint(options: &TrainOptions) -> Result<String> {
+    let fnv = |h: u64, bytes: &[u8]| {
+        bytes
+            .iter()
+            .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    };
     let mut o = options.clone();
     o.out = PathBuf::new();
-    let text = serde_json::to_string(&o).unwrap_or_default();
-    // FNV-1a over the resolved options: a resume must use the same ones.
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{hash:016x}")
+    let text = serde_json::to_string(&o).map_err(|e| TaskError::Invalid(e.to_string()))?;
+    let mut hash = fnv(0xcbf2_9ce4_8422_2325, text.as_bytes());
+    let model_config = options.model.join("config.json");
+    let files = [
+        Some(&options.train_file),
+        options.valid_file.as_ref(),
+        Some(&model_config),
+    ];
+    for path in files.into_iter().flatten() {
+        let bytes = std::fs::read(path).map_err(|e| smelt_models::ModelError::io(path, e))?;
+        hash = fnv(hash, &bytes);
+    }
+    Ok(format!("{hash:016x}"))
+}
+
+/// Fails when `max_length` cannot be honoured by the model's position table.
+fn check_max_length(max_length: usize, config: &BertConfig) -> Result<()> {
+    if max_length > config.max_position_embeddings {
+        return Err(TaskError::Invalid(format!(
+            "--max-length {max_length} exceeds the model's max_position_embeddings ({})",
+            config.max_position_embeddings
+        )));
+    }
+    Ok(())
 }
 
 /// Fine-tunes a classifier. All inputs are read and checked before anything is written.
 pub fn train(options: &TrainOptions, resume: bool, device: &Device) -> Result<TrainReport> {
-    if options.batch_size == 0 || options.eval_batch_size == 0 {
+    if options.batch_size == 0 {
         return Err(TaskError::Invalid("--batch-size must be at least 1".into()));
+    }
+    if options.eval_batch_size == 0 {
+        return Err(TaskError::Invalid(
+            "--eval-batch-size must be at least 1".into(),
+        ));
     }
     if options.max_length < 2 {
         return Err(TaskError::Invalid("--max-length must be at least 2".into()));
@@ -390,6 +438,21 @@ pub fn train(options: &TrainOptions, resume: bool, device: &Device) -> Result<Tr
         }
         None => (train_set, None),
     };
+    if let Some(v) = &valid_set {
+        if v.examples.is_empty() || train_set.examples.is_empty() {
+            return Err(TaskError::Invalid(format!(
+                "{}: {} rows are too few to hold out {:.0} % for validation; give --valid or \
+                 --valid-fraction 0",
+                options.train_file.display(),
+                train_set.examples.len() + v.examples.len(),
+                options.valid_fraction * 100.0
+            )));
+        }
+    } else if options.training.patience.is_some() {
+        return Err(TaskError::Invalid(
+            "--patience needs validation data (--valid or --valid-fraction)".into(),
+        ));
+    }
     let labels = label_set(&train_set.examples);
     if labels.len() < 2 {
         return Err(TaskError::Invalid(format!(
@@ -413,6 +476,14 @@ pub fn train(options: &TrainOptions, resume: bool, device: &Device) -> Result<Tr
         options.no_dropout,
         &ad_device,
     )?;
+    check_max_length(options.max_length, &classifier.config)?;
+    if columns.text_pair.is_some() && classifier.config.type_vocab_size < 2 {
+        return Err(TaskError::Invalid(format!(
+            "{}: sentence pairs need two token types, but type_vocab_size is {}",
+            classifier.source.config.display(),
+            classifier.config.type_vocab_size
+        )));
+    }
     let train_encoded = encode_set(&classifier.tokenizer, &train_set, options.max_length)?;
     let valid = match (&valid_set, valid_labels) {
         (Some(set), Some(l)) => Some((
@@ -425,15 +496,15 @@ pub fn train(options: &TrainOptions, resume: bool, device: &Device) -> Result<Tr
     std::fs::create_dir_all(&options.out)
         .map_err(|e| smelt_models::ModelError::io(&options.out, e))?;
     let checkpoint = smelt_train::checkpoint::checkpoint_dir(&options.out);
-    if !resume && (checkpoint.exists() || options.out.join("metrics.jsonl").exists()) {
+    if !resume && smelt_models::fsutil::recover_dir(&checkpoint).is_some() {
         return Err(TaskError::Invalid(format!(
             "{} already holds a training run; pass --resume to continue it, or choose another --out",
             options.out.display()
         )));
     }
     let run_config =
-        serde_json::to_vec_pretty(options).map_err(|e| TaskError::Invalid(e.to_string()))?;
-    write_atomic(&options.out.join("run_config.json"), &run_config)?;
+        serde_json::to_value(options).map_err(|e| TaskError::Invalid(e.to_string()))?;
+    let fingerprint = fingerprint(options)?;
 
     let Classifier {
         model,
@@ -461,7 +532,8 @@ pub fn train(options: &TrainOptions, resume: bool, device: &Device) -> Result<Tr
         &options.training,
         &options.out,
         resume,
-        &fingerprint(options),
+        &fingerprint,
+        &run_config,
     )?;
     Ok(TrainReport {
         summary,
@@ -493,6 +565,7 @@ pub fn evaluate(options: &EvalOptions, device: &Device) -> Result<Value> {
         options.strict,
     )?;
     let classifier = Classifier::load(&options.model, None, 0, false, device)?;
+    check_max_length(options.max_length, &classifier.config)?;
     let truth = label_indices(&set, &classifier.labels)?;
     let encoded = encode_set(&classifier.tokenizer, &set, options.max_length)?;
     let logits = logits_of(
@@ -530,6 +603,7 @@ pub fn predict(
     device: &Device,
 ) -> Result<Vec<Prediction>> {
     let classifier = Classifier::load(model_dir, None, 0, false, device)?;
+    check_max_length(max_length, &classifier.config)?;
     let encoded = classifier
         .tokenizer
         .encode_all(texts.iter().map(|t| (t.as_str(), None)), max_length)?;

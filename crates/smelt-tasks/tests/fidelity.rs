@@ -56,7 +56,7 @@ fn load(fx: &WeightFile, no_dropout: bool, device: &Device) -> Loaded {
         config = config.without_dropout();
     }
     let weights = WeightFile::open(&dir.join("model.safetensors")).unwrap();
-    let (mut model, _) = BertClassifier::load(&config, &weights, 2, 0, device).unwrap();
+    let (mut model, _) = BertClassifier::load(&config, &weights, 2, false, 0, device).unwrap();
     let h = config.hidden_size;
     model.bert.pooler = Dense::load(fx, "head.bert.pooler.dense", h, h, device).unwrap();
     model.classifier = Dense::load(fx, "head.classifier", h, 2, device).unwrap();

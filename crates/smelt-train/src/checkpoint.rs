@@ -24,8 +24,32 @@ pub struct TrainState {
     pub epochs_without_improvement: usize,
     /// Set once the run has ended (all epochs, or early stopping).
     pub finished: bool,
+    /// Running sums behind the next train record and the epoch summary, so that a resumed
+    /// run logs what an uninterrupted one would.
+    pub window: LossWindow,
+    pub epoch_window: LossWindow,
     /// Fingerprint of the settings that must not change across a resume.
     pub fingerprint: String,
+}
+
+/// Losses summed since the last record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LossWindow {
+    pub loss_sum: f64,
+    pub batches: usize,
+    pub examples: usize,
+}
+
+impl LossWindow {
+    pub fn add(&mut self, loss: f64, examples: usize) {
+        self.loss_sum += loss;
+        self.batches += 1;
+        self.examples += examples;
+    }
+
+    pub fn mean(&self) -> f64 {
+        self.loss_sum / self.batches.max(1) as f64
+    }
 }
 
 /// Reads the state of the checkpoint in `dir`.

@@ -24,6 +24,16 @@ pub enum TrainError {
         batch: usize,
         value: f32,
     },
+    #[error(
+        "the gradient norm became {value} at step {step} (epoch {epoch}, batch {batch}); \
+         training stopped before the update. Lower the learning rate"
+    )]
+    NonFiniteGradient {
+        step: u64,
+        epoch: usize,
+        batch: usize,
+        value: f32,
+    },
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error("invalid training option `{field}`: {message}")]

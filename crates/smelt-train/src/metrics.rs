@@ -81,17 +81,20 @@ impl MetricsLog {
     pub fn open(path: &Path, keep_up_to_step: Option<u64>) -> Result<Self> {
         let kept = match keep_up_to_step {
             None => String::new(),
-            Some(step) => std::fs::read_to_string(path)
-                .unwrap_or_default()
-                .lines()
-                .filter(|line| {
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect(),
+            Some(step) => match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(TrainError::io(path, e)),
+            }
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect(),
         };
         smelt_models::fsutil::write_atomic(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new()

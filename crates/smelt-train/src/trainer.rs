@@ -87,6 +87,12 @@ impl TrainConfig {
         if self.log_every == 0 {
             return bad("log_every", "must be at least 1");
         }
+        if self.checkpoint_every == Some(0) {
+            return bad("checkpoint_every", "must be at least 1");
+        }
+        if self.patience == Some(0) {
+            return bad("patience", "must be at least 1");
+        }
         Ok(())
     }
 }
@@ -150,6 +156,7 @@ pub fn train<T: Task>(
     out: &Path,
     resume: bool,
     fingerprint: &str,
+    run_config: &Value,
 ) -> Result<TrainSummary> {
     config.validate()?;
     let start = Instant::now();
@@ -170,7 +177,9 @@ pub fn train<T: Task>(
     };
 
     let mut optim = AdamW::new(config.optimizer);
-    let (mut model, mut state) = match resume.then(|| recover_dir(&ckpt_dir)).flatten() {
+    let resumed_from = resume.then(|| recover_dir(&ckpt_dir)).flatten();
+    let resumed = resumed_from.is_some();
+    let (mut model, mut state) = match resumed_from {
         Some(dir) => {
             let state = checkpoint::read_state(&dir)?;
             if state.fingerprint != fingerprint {
@@ -210,9 +219,12 @@ pub fn train<T: Task>(
     if state.finished {
         tracing::info!("{}: this run has already finished", out.display());
     }
+    let run_config_json = serde_json::to_vec_pretty(run_config)
+        .map_err(|e| TrainError::Task(format!("run config: {e}")))?;
+    smelt_models::fsutil::write_atomic(&out.join("run_config.json"), &run_config_json)?;
     let mut log = MetricsLog::open(
         &out.join("metrics.jsonl"),
-        resume.then_some(state.global_step),
+        resumed.then_some(state.global_step),
     )?;
 
     let progress = Progress::new(total_steps, "train");
@@ -232,12 +244,7 @@ pub fn train<T: Task>(
         let epoch = state.epoch;
         let batches = task.epoch_batches(epoch);
         let mut grads = GradStore::default();
-        let mut window_loss = 0.0f64;
-        let mut window_batches = 0usize;
-        let mut window_examples = 0usize;
         let mut window_start = Instant::now();
-        let mut epoch_loss = 0.0f64;
-        let mut epoch_batches = 0usize;
 
         for index in state.batch_in_epoch..batches.len() {
             let batch = &batches[index];
@@ -245,7 +252,9 @@ pub fn train<T: Task>(
             let group_len = config.grad_accum.min(batches.len() - group_start);
             // Dropout masks depend only on the seed and the position in the run.
             let micro = epoch as u64 * batches.len() as u64 + index as u64;
-            device.seed(step_seed(config.seed, micro));
+            let seed = step_seed(config.seed, micro);
+            device.seed(seed);
+            smelt_models::dropout::reseed(seed);
 
             let loss = task.loss(&model, batch)?;
             let value = loss.clone().into_scalar::<f32>();
@@ -264,11 +273,8 @@ pub fn train<T: Task>(
             };
             let backward = loss.backward();
             grads.accumulate(GradStore::collect(&model, &backward));
-            window_loss += value as f64;
-            window_batches += 1;
-            window_examples += task.batch_len(batch);
-            epoch_loss += value as f64;
-            epoch_batches += 1;
+            state.window.add(value as f64, task.batch_len(batch));
+            state.epoch_window.add(value as f64, task.batch_len(batch));
 
             let group_done = index + 1 == group_start + group_len;
             if !group_done {
@@ -278,12 +284,20 @@ pub fn train<T: Task>(
                 Some(max) => grads.clip_global_norm(max),
                 None => grads.global_norm(),
             };
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFiniteGradient {
+                    step: state.global_step + 1,
+                    epoch: epoch + 1,
+                    batch: index + 1,
+                    value: grad_norm,
+                });
+            }
             let lr = schedule.lr(state.global_step);
             model = optim.step(model, &grads, lr);
             grads = GradStore::default();
             state.global_step += 1;
             state.batch_in_epoch = index + 1;
-            progress.inc(&format!("loss {:.4}", window_loss / window_batches as f64));
+            progress.inc(&format!("loss {:.4}", state.window.mean()));
 
             if state.global_step % config.log_every == 0 || index + 1 == batches.len() {
                 let seconds = window_start.elapsed().as_secs_f64();
@@ -291,14 +305,12 @@ pub fn train<T: Task>(
                     "step": state.global_step,
                     "epoch": epoch + 1,
                     "split": "train",
-                    "loss": window_loss / window_batches as f64,
+                    "loss": state.window.mean(),
                     "lr": lr,
                     "grad_norm": grad_norm,
-                    "examples_per_second": window_examples as f64 / seconds.max(1e-9),
+                    "examples_per_second": state.window.examples as f64 / seconds.max(1e-9),
                 }))?;
-                window_loss = 0.0;
-                window_batches = 0;
-                window_examples = 0;
+                state.window = Default::default();
                 window_start = Instant::now();
             }
             let periodic = config
@@ -314,8 +326,9 @@ pub fn train<T: Task>(
             "epoch {}/{}: train loss {:.4}",
             epoch + 1,
             config.epochs,
-            epoch_loss / epoch_batches.max(1) as f64
+            state.epoch_window.mean()
         );
+        state.epoch_window = Default::default();
         state.epoch += 1;
         state.batch_in_epoch = 0;
         match task.evaluate(&model.valid())? {
