@@ -12,6 +12,10 @@ use smelt_train::grads::GradStore;
 use smelt_train::optim::{AdamW, AdamWConfig};
 use std::time::Instant;
 
+// The same allocator as the `smelt` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -70,24 +74,28 @@ fn main() {
     );
     let mut optim = AdamW::new(AdamWConfig::default());
 
-    let mut times = Vec::new();
+    // (total, forward, backward, optimizer) seconds of each timed step.
+    let mut times: Vec<[f64; 4]> = Vec::new();
     for step in 0..steps + 2 {
+        smelt_models::dropout::reseed(step as u64);
         let start = Instant::now();
-        let loss = cross_entropy(
-            model.forward(input.clone()),
-            labels_tensor(&labels, &device),
-        );
+        let logits = model.forward(input.clone());
+        let loss = cross_entropy(logits, labels_tensor(&labels, &device));
+        let _ = loss.clone().into_scalar::<f32>();
+        let forward = start.elapsed().as_secs_f64();
         let mut grads = GradStore::collect(&model, &loss.backward());
+        let backward = start.elapsed().as_secs_f64() - forward;
         grads.clip_global_norm(1.0);
         model = optim.step(model, &grads, 1e-5);
         // Force the update to finish before stopping the clock.
         let _ = model.classifier.bias.val().into_data();
+        let total = start.elapsed().as_secs_f64();
         if step >= 2 {
-            times.push(start.elapsed().as_secs_f64());
+            times.push([total, forward, backward, total - forward - backward]);
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+    times.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    let [median, forward, backward, optimizer] = times[times.len() / 2];
     let h = config.hidden_size as f64;
     let i = config.intermediate_size as f64;
     let l = config.num_hidden_layers as f64;
@@ -104,6 +112,9 @@ fn main() {
             "seq": seq,
             "steps": steps,
             "step_seconds_median": median,
+            "forward_seconds": forward,
+            "backward_seconds": backward,
+            "clip_and_optimizer_seconds": optimizer,
             "samples_per_sec": batch as f64 / median,
             "model_gflop_per_step": flops / 1e9,
             "achieved_gflops": flops / median / 1e9,

@@ -11,6 +11,11 @@ use smelt_train::trainer::TrainConfig;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
+// Tensors are large and short-lived; mimalloc keeps freed pages for reuse instead of handing
+// them back to the kernel and faulting them in again on the next step.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "smelt",

@@ -24,7 +24,7 @@ fn sentiment_slices(dir: &std::path::Path, train_rows: usize, test_rows: usize) 
         .filter_map(|r| {
             let rating: f64 = r.values[1].as_deref()?.trim().parse().ok()?;
             let text = r.values[2].clone()?;
-            (rating != 0.0).then(|| (text, if rating > 0.0 { "positive" } else { "negative" }))
+            (rating != 0.0).then_some((text, if rating > 0.0 { "positive" } else { "negative" }))
         })
         .collect();
     // Every 5th row tests, the rest train: the split of prepare-sentiment.sh.

@@ -33,10 +33,10 @@ impl ClassMetrics {
         let mut recall = Vec::with_capacity(classes);
         let mut f1 = Vec::with_capacity(classes);
         let mut support = Vec::with_capacity(classes);
-        for c in 0..classes {
-            let tp = confusion[c][c] as f64;
+        for (c, row) in confusion.iter().enumerate() {
+            let tp = row[c] as f64;
             let predicted_c: u64 = (0..classes).map(|t| confusion[t][c]).sum();
-            let actual_c: u64 = confusion[c].iter().sum();
+            let actual_c: u64 = row.iter().sum();
             let p = if predicted_c > 0 {
                 tp / predicted_c as f64
             } else {
