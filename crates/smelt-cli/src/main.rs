@@ -16,6 +16,17 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (position 15 of `mi_option_e` in mimalloc.h).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory mapped: training frees and reallocates the same large buffers every
+/// step, and returning them to the kernel makes it zero fresh pages each time (measured at a
+/// quarter of a MiniLM step).
+fn keep_freed_memory() {
+    // SAFETY: setting an allocator option is a plain store inside mimalloc.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "smelt",
@@ -205,6 +216,7 @@ struct TrainArgs {
 }
 
 fn main() {
+    keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SMELT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
