@@ -64,6 +64,10 @@ fn main() {
     let (mut model, _) =
         BertClassifier::load(&config, &weights, 2, false, 0, &device).expect("model");
     drop(weights);
+    if std::env::var("SMELT_BENCH_FREEZE_EMBEDDINGS").is_ok() {
+        let e = &mut model.bert.embeddings;
+        e.word_embeddings = e.word_embeddings.clone().set_require_grad(false);
+    }
 
     // Fixed pseudo-random tokens (not special ids), full attention mask.
     let mut state = 12345u64;
