@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use smelt_data::batch::Batching;
 use smelt_data::examples::Columns;
 use smelt_data::table::{Format, ReadOptions};
 use smelt_tasks::classify;
@@ -174,6 +175,10 @@ struct TrainArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 64)]
     eval_batch_size: usize,
+    /// Batching: `bucketed` (similar lengths together, least padding) or `random` (plain
+    /// shuffle).
+    #[arg(long, default_value = "bucketed")]
+    batching: Batching,
     /// Peak learning rate.
     #[arg(long, default_value_t = 5e-5)]
     lr: f64,
@@ -282,6 +287,7 @@ fn classify_cmd(cmd: ClassifyCommand, device: &smelt_models::device::Device) -> 
                 max_length: a.data.max_length,
                 batch_size: a.batch_size,
                 eval_batch_size: a.eval_batch_size,
+                batching: a.batching,
                 training: TrainConfig {
                     epochs: a.epochs,
                     lr: a.lr,

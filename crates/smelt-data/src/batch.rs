@@ -46,6 +46,57 @@ pub fn pad(encoded: &[Encoded], indices: &[usize], pad_id: u32) -> PaddedBatch {
     }
 }
 
+/// How training examples are grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Batching {
+    /// Similar lengths together (little padding, faster): see [`bucketed_batches`].
+    Bucketed,
+    /// Plain seeded shuffle, as most reference training loops do: see [`shuffled_batches`].
+    Random,
+}
+
+impl std::str::FromStr for Batching {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bucketed" => Ok(Batching::Bucketed),
+            "random" => Ok(Batching::Random),
+            other => Err(format!(
+                "unknown batching `{other}`: expected bucketed or random"
+            )),
+        }
+    }
+}
+
+/// The batches of one epoch in the given [`Batching`] mode.
+pub fn epoch_batches(
+    batching: Batching,
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    match batching {
+        Batching::Bucketed => bucketed_batches(lengths, batch_size, seed, epoch),
+        Batching::Random => shuffled_batches(lengths.len(), batch_size, seed, epoch),
+    }
+}
+
+fn epoch_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// The batches of one epoch: `0..n` shuffled with `(seed, epoch)` and cut in order.
+pub fn shuffled_batches(n: usize, batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut epoch_rng(seed, epoch));
+    order
+        .chunks(batch_size.max(1))
+        .map(|c| c.to_vec())
+        .collect()
+}
+
 /// The batches of one training epoch: examples are shuffled with `(seed, epoch)`, grouped in
 /// pools of 50 batches, sorted by length within a pool (so a batch holds similar lengths
 /// and pads little) and the batches shuffled again. Same inputs, same batches.
@@ -116,6 +167,18 @@ mod tests {
             .max()
             .unwrap();
         assert!(spread < 20, "max in-batch length spread {spread}");
+    }
+
+    #[test]
+    fn shuffled_batches_are_a_seeded_permutation() {
+        let a = shuffled_batches(100, 32, 3, 0);
+        assert_eq!(a.len(), 4);
+        assert_eq!(a[3].len(), 4);
+        let mut all: Vec<usize> = a.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, shuffled_batches(100, 32, 3, 0));
+        assert_ne!(a, shuffled_batches(100, 32, 3, 1));
     }
 
     #[test]

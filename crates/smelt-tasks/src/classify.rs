@@ -5,7 +5,9 @@ use crate::model_dir::ModelDir;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use smelt_data::batch::{bucketed_batches, inference_batches, pad, split_indices, PaddedBatch};
+use smelt_data::batch::{
+    epoch_batches, inference_batches, pad, split_indices, Batching, PaddedBatch,
+};
 use smelt_data::examples::{label_indices, label_set, read_examples, Columns, ExampleSet};
 use smelt_data::table::ReadOptions;
 use smelt_data::tokenize::{Encoded, TextTokenizer};
@@ -33,6 +35,8 @@ pub struct TrainOptions {
     pub max_length: usize,
     pub batch_size: usize,
     pub eval_batch_size: usize,
+    /// How training examples are grouped into batches.
+    pub batching: Batching,
     pub training: TrainConfig,
     pub out: PathBuf,
     /// Run with every dropout probability set to 0.
@@ -271,7 +275,8 @@ impl Task for ClassifyTask<'_> {
 
     fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
         let lengths: Vec<usize> = self.train.iter().map(|e| e.ids.len()).collect();
-        bucketed_batches(
+        epoch_batches(
+            self.options.batching,
             &lengths,
             self.options.batch_size,
             self.options.training.seed,
