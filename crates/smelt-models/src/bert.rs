@@ -391,7 +391,13 @@ impl BertClassifier {
             used.push(n.clone());
             n
         };
-        let dropout = Dropout::new;
+        let dropout = |p: f64| {
+            Dropout::new(p).map_err(|message| ModelError::Config {
+                path: file.path().to_path_buf(),
+                field: "dropout".into(),
+                message,
+            })
+        };
 
         let embeddings = BertEmbeddings {
             word_embeddings: Param::from_tensor(file.tensor(
@@ -416,7 +422,7 @@ impl BertClassifier {
                 c.layer_norm_eps,
                 device,
             )?,
-            dropout: dropout(c.hidden_dropout_prob),
+            dropout: dropout(c.hidden_dropout_prob)?,
         };
 
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -433,8 +439,8 @@ impl BertClassifier {
                 intermediate: dense("intermediate.dense", h, c.intermediate_size)?,
                 output: dense("output.dense", c.intermediate_size, h)?,
                 output_norm: norm("output.LayerNorm")?,
-                attention_dropout: dropout(c.attention_probs_dropout_prob),
-                hidden_dropout: dropout(c.hidden_dropout_prob),
+                attention_dropout: dropout(c.attention_probs_dropout_prob)?,
+                hidden_dropout: dropout(c.hidden_dropout_prob)?,
                 num_heads: c.num_attention_heads,
             });
             take(format!("{prefix}encoder.layer.{i}."));
@@ -485,7 +491,7 @@ impl BertClassifier {
                 layers,
                 pooler,
             },
-            dropout: dropout(c.classifier_dropout.unwrap_or(c.hidden_dropout_prob)),
+            dropout: dropout(c.classifier_dropout.unwrap_or(c.hidden_dropout_prob))?,
             classifier,
         };
         Ok((model, report))
@@ -565,13 +571,6 @@ pub fn cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
     let [batch, _] = logits.dims();
     let picked = log_softmax(logits, 1).gather(1, labels.reshape([batch, 1]));
     picked.mean().neg()
-}
-
-/// Softmax probabilities `[batch, classes]` as host rows.
-pub fn probabilities(logits: Tensor<2>) -> Result<Vec<Vec<f32>>> {
-    let [_, classes] = logits.dims();
-    let values = crate::weights::tensor_to_vec(softmax(logits, 1))?;
-    Ok(values.chunks(classes).map(|c| c.to_vec()).collect())
 }
 
 /// Host `[batch]` labels on the device.

@@ -58,16 +58,15 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// `prob` must be in `[0, 1)` (configs are validated before models are built).
-    pub fn new(prob: f64) -> Self {
-        Self {
-            prob: if (0.0..1.0).contains(&prob) {
-                prob
-            } else {
-                0.0
-            },
-            training: Param::from_bool(true),
+    /// A dropout layer; `prob` must be in `[0, 1)`.
+    pub fn new(prob: f64) -> Result<Self, String> {
+        if !(0.0..1.0).contains(&prob) {
+            return Err(format!("dropout probability {prob} is not in [0, 1)"));
         }
+        Ok(Self {
+            prob,
+            training: Param::from_bool(true),
+        })
     }
 
     /// Any shape in, the same shape out.

@@ -62,8 +62,8 @@ impl WeightFile {
         self.metadata.metadata().clone().unwrap_or_default()
     }
 
-    /// Values of tensor `name` as f32, checking that its shape is `expected`.
-    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+    /// The dtype and bytes of tensor `name`, checking that its shape is `expected`.
+    fn raw(&self, name: &str, expected: &[usize]) -> Result<(Dtype, &[u8])> {
         let info = self
             .metadata
             .info(name)
@@ -79,10 +79,16 @@ impl WeightFile {
                 found: info.shape.clone(),
             });
         }
+        // Offsets were checked against the file size by `SafeTensors::deserialize` in `open`.
         let start = 8 + self.header_len + info.data_offsets.0;
         let end = 8 + self.header_len + info.data_offsets.1;
-        let raw = &self.bytes[start..end];
-        let values = match info.dtype {
+        Ok((info.dtype, &self.bytes[start..end]))
+    }
+
+    /// Values of tensor `name` as f32, checking that its shape is `expected`.
+    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (dtype, raw) = self.raw(name, expected)?;
+        let values = match dtype {
             Dtype::F32 => raw
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -108,25 +114,8 @@ impl WeightFile {
 
     /// Values of an integer tensor (I64 or I32) as i64, checking its shape.
     pub fn i64(&self, name: &str, expected: &[usize]) -> Result<Vec<i64>> {
-        let info = self
-            .metadata
-            .info(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.path.clone(),
-                name: name.to_string(),
-            })?;
-        if info.shape != expected {
-            return Err(ModelError::ShapeMismatch {
-                path: self.path.clone(),
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                found: info.shape.clone(),
-            });
-        }
-        let start = 8 + self.header_len + info.data_offsets.0;
-        let end = 8 + self.header_len + info.data_offsets.1;
-        let raw = &self.bytes[start..end];
-        match info.dtype {
+        let (dtype, raw) = self.raw(name, expected)?;
+        match dtype {
             Dtype::I64 => Ok(raw
                 .chunks_exact(8)
                 .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))

@@ -12,8 +12,7 @@ use smelt_data::examples::{label_indices, label_set, read_examples, Columns, Exa
 use smelt_data::table::ReadOptions;
 use smelt_data::tokenize::{Encoded, TextTokenizer};
 use smelt_models::bert::{
-    classifier_config_json, cross_entropy, labels_tensor, probabilities, BertClassifier,
-    BertConfig, EncoderInput,
+    classifier_config_json, cross_entropy, labels_tensor, BertClassifier, BertConfig, EncoderInput,
 };
 use smelt_models::fsutil::write_atomic;
 use smelt_models::weights::{write_safetensors, WeightFile};
@@ -217,6 +216,14 @@ pub fn score(logits: &[Vec<f32>], truth: &[i64], classes: usize) -> (f64, ClassM
     (loss / logits.len().max(1) as f64, metrics)
 }
 
+/// Softmax of one row of logits, computed stably on the host.
+fn softmax_row(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+    let total: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / total).collect()
+}
+
 fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
@@ -408,18 +415,17 @@ pub fn train(options: &TrainOptions, resume: bool, device: &Device) -> Result<Tr
         ));
     }
     options.training.validate()?;
-    let mut columns = options.columns.clone();
+    let columns = &options.columns;
     if columns.label.is_none() {
         return Err(TaskError::Invalid("training needs --label-column".into()));
     }
-    columns.label = options.columns.label.clone();
 
     // Read everything first: bad input fails before the output directory is touched.
-    let train_set = read_examples(&options.train_file, &columns, &options.read, options.strict)?;
+    let train_set = read_examples(&options.train_file, columns, &options.read, options.strict)?;
     let valid_file_set = options
         .valid_file
         .as_deref()
-        .map(|p| read_examples(p, &columns, &options.read, options.strict))
+        .map(|p| read_examples(p, columns, &options.read, options.strict))
         .transpose()?;
     let mut skipped = train_set.skipped_empty;
 
@@ -621,12 +627,7 @@ pub fn predict(
     )?;
     let mut out = Vec::with_capacity(texts.len());
     for (text, row) in texts.iter().zip(&logits) {
-        let classes = row.len();
-        let t = Tensor::<2>::from_data(
-            burn::tensor::TensorData::new(row.clone(), [1, classes]),
-            device,
-        );
-        let probs = probabilities(t)?.remove(0);
+        let probs = softmax_row(row);
         let best = argmax(&probs);
         out.push(Prediction {
             text: text.clone(),
