@@ -12,6 +12,8 @@ use smelt_train::trainer::TrainConfig;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
+mod lm_cmd;
+
 // Tensors are large and short-lived; mimalloc keeps freed pages for reuse instead of handing
 // them back to the kernel and faulting them in again on the next step.
 #[global_allocator]
@@ -47,6 +49,14 @@ enum Command {
     /// Text classification with BERT-family encoders.
     #[command(subcommand)]
     Classify(ClassifyCommand),
+    /// Causal language models (GGUF or Hugging Face): generate, chat, few-shot, perplexity.
+    #[command(subcommand)]
+    Lm(lm_cmd::LmCommand),
+    /// Print architecture, sizes, tensor types and metadata of a checkpoint.
+    Inspect {
+        /// A GGUF file or a Hugging Face directory.
+        path: PathBuf,
+    },
     /// The real models and datasets used by tests and demos.
     #[command(subcommand)]
     Assets(AssetsCommand),
@@ -244,6 +254,11 @@ fn run(cli: Cli) -> Result<()> {
             let device = smelt_models::device::parse_device(&cli.device)?;
             classify_cmd(cmd, &device)
         }
+        Command::Lm(cmd) => {
+            let device = smelt_models::device::parse_device(&cli.device)?;
+            lm_cmd::run(cmd, &device)
+        }
+        Command::Inspect { path } => lm_cmd::inspect(&path),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod assets;
 pub mod batch;
 pub mod error;
 pub mod examples;
+pub mod lm_tokenizer;
 pub mod table;
 pub mod tokenize;
 

@@ -15,6 +15,8 @@ pub enum ModelError {
     },
     #[error("{path}: not a valid safetensors file: {message}")]
     BadWeights { path: PathBuf, message: String },
+    #[error("{path}: not a valid GGUF file: {message}")]
+    BadGguf { path: PathBuf, message: String },
     #[error(
         "{path}: this is a pickle checkpoint; smelt never executes pickle. Convert it to \
          model.safetensors (for example with `transformers`: \

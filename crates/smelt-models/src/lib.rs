@@ -2,12 +2,15 @@
 //! against burn's backend-agnostic tensors.
 
 pub mod bert;
+pub mod causal;
 pub mod device;
 pub mod dropout;
 pub mod error;
 pub mod fsutil;
+pub mod gguf;
 pub mod init;
 pub mod layers;
+pub mod quant;
 pub mod weights;
 
 pub use burn;

@@ -57,6 +57,11 @@ impl WeightFile {
         self.metadata.info(name).map(|i| i.shape.clone())
     }
 
+    /// The stored dtype of tensor `name` (`F32`, `BF16`, ...), if present.
+    pub fn dtype(&self, name: &str) -> Option<String> {
+        self.metadata.info(name).map(|i| format!("{:?}", i.dtype))
+    }
+
     /// The `__metadata__` map of the file.
     pub fn user_metadata(&self) -> HashMap<String, String> {
         self.metadata.metadata().clone().unwrap_or_default()

@@ -2,6 +2,7 @@
 
 pub mod classify;
 pub mod error;
+pub mod lm;
 pub mod model_dir;
 
 pub use error::{Result, TaskError};

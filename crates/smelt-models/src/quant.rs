@@ -1,0 +1,792 @@
+//! GGML tensor types: block layouts, dequantization, quantization, and the kernels that
+//! multiply activations by quantized weights without ever materialising the f32 matrix.
+//!
+//! A quantized matrix is stored row-major as in GGUF: each row of `cols` weights is a run of
+//! blocks, `cols / block_size` of them, `type_size` bytes each. Kernels decode one block at a
+//! time into registers (or a small stack buffer) and accumulate against f32 activations, so the
+//! results equal "dequantize, then multiply in f32" up to summation order.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// The tensor types smelt reads from GGUF files, with their GGML type ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Bf16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl GgmlType {
+    /// Every supported type, for listings and tests.
+    pub const ALL: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Bf16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    /// The type with GGML id `id`, or `None` for ids smelt does not read.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
+            8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
+            14 => GgmlType::Q6K,
+            30 => GgmlType::Bf16,
+            _ => return None,
+        })
+    }
+
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::Bf16 => 30,
+        }
+    }
+
+    /// The name GGUF tools print (`Q4_K`, `BF16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::Bf16 => "BF16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
+            GgmlType::Q6K => "Q6_K",
+        }
+    }
+
+    /// Weights per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                32
+            }
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::Bf16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q4K => 144,
+            GgmlType::Q5K => 176,
+            GgmlType::Q6K => 210,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
+    /// Bytes of a row of `cols` weights, or `None` when `cols` is not a whole number of blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        if cols % self.block_size() != 0 {
+            return None;
+        }
+        (cols / self.block_size()).checked_mul(self.type_size())
+    }
+}
+
+#[inline(always)]
+fn half(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Decodes one block of `ty` (`ty.type_size()` bytes) into `out` (`ty.block_size()` values).
+#[inline(always)]
+pub fn dequantize_block(ty: GgmlType, b: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        GgmlType::F16 => out[0] = half(b, 0),
+        GgmlType::Bf16 => out[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        GgmlType::Q4_0 => {
+            let d = half(b, 0);
+            let qs = &b[2..18];
+            for j in 0..16 {
+                out[j] = ((qs[j] & 0x0f) as i32 - 8) as f32 * d;
+                out[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+            }
+        }
+        GgmlType::Q4_1 => {
+            let d = half(b, 0);
+            let m = half(b, 2);
+            let qs = &b[4..20];
+            for j in 0..16 {
+                out[j] = (qs[j] & 0x0f) as f32 * d + m;
+                out[j + 16] = (qs[j] >> 4) as f32 * d + m;
+            }
+        }
+        GgmlType::Q5_0 => {
+            let d = half(b, 0);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let qs = &b[6..22];
+            for j in 0..16 {
+                let h0 = ((qh >> j) << 4) & 0x10;
+                let h1 = (qh >> (j + 12)) & 0x10;
+                out[j] = (((qs[j] & 0x0f) as u32 | h0) as i32 - 16) as f32 * d;
+                out[j + 16] = (((qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+            }
+        }
+        GgmlType::Q5_1 => {
+            let d = half(b, 0);
+            let m = half(b, 2);
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            let qs = &b[8..24];
+            for j in 0..16 {
+                let h0 = ((qh >> j) << 4) & 0x10;
+                let h1 = (qh >> (j + 12)) & 0x10;
+                out[j] = ((qs[j] & 0x0f) as u32 | h0) as f32 * d + m;
+                out[j + 16] = ((qs[j] >> 4) as u32 | h1) as f32 * d + m;
+            }
+        }
+        GgmlType::Q8_0 => {
+            let d = half(b, 0);
+            for j in 0..32 {
+                out[j] = b[2 + j] as i8 as f32 * d;
+            }
+        }
+        GgmlType::Q4K => {
+            let d = half(b, 0);
+            let dmin = half(b, 2);
+            let scales = &b[4..16];
+            let qs = &b[16..144];
+            for chunk in 0..4 {
+                let (s1, m1) = scale_min_k4(2 * chunk, scales);
+                let (s2, m2) = scale_min_k4(2 * chunk + 1, scales);
+                let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                let q = &qs[32 * chunk..32 * chunk + 32];
+                let y = &mut out[64 * chunk..64 * chunk + 64];
+                for l in 0..32 {
+                    y[l] = d1 * (q[l] & 0x0f) as f32 - m1;
+                    y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            let d = half(b, 0);
+            let dmin = half(b, 2);
+            let scales = &b[4..16];
+            let qh = &b[16..48];
+            let qs = &b[48..176];
+            for chunk in 0..4 {
+                let (s1, m1) = scale_min_k4(2 * chunk, scales);
+                let (s2, m2) = scale_min_k4(2 * chunk + 1, scales);
+                let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                let u1 = 1u8 << (2 * chunk);
+                let u2 = 2u8 << (2 * chunk);
+                let q = &qs[32 * chunk..32 * chunk + 32];
+                let y = &mut out[64 * chunk..64 * chunk + 64];
+                for l in 0..32 {
+                    let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                    let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                    y[l] = d1 * ((q[l] & 0x0f) + h1) as f32 - m1;
+                    y[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            let ql = &b[0..128];
+            let qh = &b[128..192];
+            let sc = &b[192..208];
+            let d = half(b, 208);
+            for half_block in 0..2 {
+                let ql = &ql[64 * half_block..];
+                let qh = &qh[32 * half_block..];
+                let sc = &sc[8 * half_block..];
+                let y = &mut out[128 * half_block..128 * half_block + 128];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                    y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                    y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                    y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                }
+            }
+        }
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K / Q5_K block.
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Dequantizes `data` (whole blocks of `ty`) into f32 values.
+pub fn dequantize(ty: GgmlType, data: &[u8]) -> Vec<f32> {
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let blocks = data.len() / ts;
+    let mut out = vec![0f32; blocks * bs];
+    out.par_chunks_mut(bs * 1024)
+        .zip(data.par_chunks(ts * 1024))
+        .for_each(|(o, d)| {
+            for (ob, db) in o.chunks_exact_mut(bs).zip(d.chunks_exact(ts)) {
+                dequantize_block(ty, db, ob);
+            }
+        });
+    out
+}
+
+/// Quantizes `values` (a whole number of blocks) to `ty`. Supported targets: F32, F16, BF16,
+/// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quant encoders need an importance search that smelt
+/// does not implement; those types are read-only).
+pub fn quantize(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
+    let bs = ty.block_size();
+    if values.len() % bs != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(values.len() / bs * ty.type_size());
+    for x in values.chunks_exact(bs) {
+        match ty {
+            GgmlType::F32 => out.extend_from_slice(&x[0].to_le_bytes()),
+            GgmlType::F16 => out.extend_from_slice(&f16::from_f32(x[0]).to_le_bytes()),
+            GgmlType::Bf16 => out.extend_from_slice(&bf16::from_f32(x[0]).to_le_bytes()),
+            GgmlType::Q8_0 => {
+                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            GgmlType::Q4_0 | GgmlType::Q5_0 => {
+                // The scale maps the value of largest magnitude to the most negative code.
+                let max = x
+                    .iter()
+                    .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let (levels, offset) = if ty == GgmlType::Q4_0 {
+                    (-8.0, 8.0)
+                } else {
+                    (-16.0, 16.0)
+                };
+                let d = max / levels;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let top = 2.0 * offset - 1.0;
+                let q: Vec<u8> = x
+                    .iter()
+                    .map(|v| (v * id + offset + 0.5).clamp(0.0, top) as u8)
+                    .collect();
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                push_nibbles(ty == GgmlType::Q5_0, &q, &mut out);
+            }
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                let min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let top = if ty == GgmlType::Q4_1 { 15.0 } else { 31.0 };
+                let d = (max - min) / top;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<u8> = x
+                    .iter()
+                    .map(|v| ((v - min) * id + 0.5).clamp(0.0, top) as u8)
+                    .collect();
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                push_nibbles(ty == GgmlType::Q5_1, &q, &mut out);
+            }
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Packs 32 codes as GGML does: low nibbles of codes 0..16 and 16..32 share bytes; for 5-bit
+/// types the fifth bits go first, as a little-endian u32.
+fn push_nibbles(five_bit: bool, q: &[u8], out: &mut Vec<u8>) {
+    if five_bit {
+        let mut qh = 0u32;
+        for j in 0..16 {
+            qh |= (((q[j] >> 4) & 1) as u32) << j;
+            qh |= (((q[j + 16] >> 4) & 1) as u32) << (j + 16);
+        }
+        out.extend_from_slice(&qh.to_le_bytes());
+    }
+    for j in 0..16 {
+        out.push((q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4));
+    }
+}
+
+/// A weight matrix `[rows, cols]` kept in its GGML encoding.
+#[derive(Clone)]
+pub struct QMatrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: std::sync::Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({} [{}, {}])",
+            self.ty.name(),
+            self.rows,
+            self.cols
+        )
+    }
+}
+
+impl QMatrix {
+    /// Wraps `data` after checking that it holds exactly `rows` rows of `cols` weights.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
+        let row = ty.row_bytes(cols)?;
+        if row.checked_mul(rows)? != data.len() {
+            return None;
+        }
+        Some(Self {
+            ty,
+            rows,
+            cols,
+            data: std::sync::Arc::new(data),
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_size() * self.ty.type_size()
+    }
+
+    /// Bytes of one row.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// The whole matrix in f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        dequantize(self.ty, &self.data)
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (bs, ts) = (self.ty.block_size(), self.ty.type_size());
+        for (o, b) in out.chunks_exact_mut(bs).zip(self.row(r).chunks_exact(ts)) {
+            dequantize_block(self.ty, b, o);
+        }
+    }
+
+    /// A new matrix made of the rows `order[0]`, `order[1]`, ... of this one.
+    pub fn permute_rows(&self, order: &[usize]) -> Self {
+        let rb = self.row_bytes();
+        let mut data = Vec::with_capacity(order.len() * rb);
+        for &r in order {
+            data.extend_from_slice(self.row(r));
+        }
+        Self {
+            ty: self.ty,
+            rows: order.len(),
+            cols: self.cols,
+            data: std::sync::Arc::new(data),
+        }
+    }
+
+    /// `out[n, rows] = x[n, cols] · Wᵀ`.
+    ///
+    /// Few input rows (token-by-token decoding) take the fused decode-and-dot kernel, which reads
+    /// every weight once per input row; many rows (prompt processing, training) dequantize a
+    /// tile of weight rows at a time into a cache-sized buffer and multiply it with a GEMM.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "activation size must be n × cols");
+        let mut out = vec![0f32; n * self.rows];
+        if n >= GEMM_MIN_ROWS {
+            self.matmul_tiled(x, n, &mut out);
+        } else {
+            self.matmul_dot(x, n, &mut out);
+        }
+        out
+    }
+
+    /// `out[n, cols] = g[n, rows] · W`: the product with the untransposed matrix, which is the
+    /// gradient of [`QMatrix::matmul`] with respect to its input.
+    pub fn matmul_transposed(&self, g: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(g.len(), n * self.rows, "gradient size must be n × rows");
+        let cols = self.cols;
+        // Split the output columns across threads by splitting the weight's column blocks is
+        // awkward for K-quants; split the rows of W instead and sum per-thread partials.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = self.rows.div_ceil(threads).max(1);
+        let partials: Vec<Vec<f32>> = (0..self.rows)
+            .step_by(chunk)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|start| {
+                let end = (start + chunk).min(self.rows);
+                let mut acc = vec![0f32; n * cols];
+                let mut row = vec![0f32; cols];
+                for r in start..end {
+                    self.dequantize_row(r, &mut row);
+                    for i in 0..n {
+                        let gi = g[i * self.rows + r];
+                        if gi != 0.0 {
+                            axpy(gi, &row, &mut acc[i * cols..(i + 1) * cols]);
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; n * cols];
+        for p in partials {
+            for (o, v) in out.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        out
+    }
+
+    fn matmul_dot(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let rows = self.rows;
+        // Per-block sums of the activations let Q4_1/Q5_1 apply their offset once per block.
+        let chunk = rows
+            .div_ceil(rayon::current_num_threads().max(1) * 4)
+            .max(16);
+        let mut by_row = vec![0f32; rows * n];
+        by_row
+            .par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let start = c * chunk;
+                for (k, orow) in o.chunks_exact_mut(n).enumerate() {
+                    let w = self.row(start + k);
+                    for (i, v) in orow.iter_mut().enumerate() {
+                        *v = kernels::dot_row(self.ty, w, &x[i * self.cols..(i + 1) * self.cols]);
+                    }
+                }
+            });
+        for r in 0..rows {
+            for i in 0..n {
+                out[i * rows + r] = by_row[r * n + i];
+            }
+        }
+    }
+
+    fn matmul_tiled(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        let tile = TILE_ROWS.min(rows);
+        let tiles = rows.div_ceil(tile);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..tiles).into_par_iter().for_each_init(
+            || vec![0f32; tile * cols],
+            |buf, t| {
+                let start = t * tile;
+                let len = tile.min(rows - start);
+                for k in 0..len {
+                    self.dequantize_row(start + k, &mut buf[k * cols..(k + 1) * cols]);
+                }
+                let out_ptr = &out_ptr;
+                // SAFETY: tile `t` writes only the columns start..start+len of every output
+                // row; tiles are disjoint, and `out` outlives the parallel loop.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        len,
+                        cols,
+                        out_ptr.0.add(start),
+                        1,
+                        rows as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        buf.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+    }
+}
+
+/// Input rows from which [`QMatrix::matmul`] switches to dequantized tiles and a GEMM.
+const GEMM_MIN_ROWS: usize = 6;
+/// Weight rows dequantized per GEMM tile.
+const TILE_ROWS: usize = 64;
+
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Row-times-vector kernels, compiled once per instruction set and chosen at run time.
+mod kernels {
+    use super::{dequantize_block, half, GgmlType};
+
+    /// Dot product of one quantized row with `x`.
+    #[inline]
+    pub fn dot_row(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { dot_row_avx2(ty, w, x) };
+            }
+        }
+        dot_row_generic(ty, w, x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_row_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+        dot_row_generic(ty, w, x)
+    }
+
+    #[inline(always)]
+    fn dot_row_generic(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+        match ty {
+            GgmlType::Q4_1 => {
+                let mut acc = [0f32; 16];
+                let mut offset = 0f32;
+                for (b, xb) in w.chunks_exact(20).zip(x.chunks_exact(32)) {
+                    let d = half(b, 0);
+                    let m = half(b, 2);
+                    let qs = &b[4..20];
+                    let mut s = [0f32; 16];
+                    let mut sx = [0f32; 16];
+                    for j in 0..16 {
+                        s[j] = (qs[j] & 0x0f) as f32 * xb[j] + (qs[j] >> 4) as f32 * xb[j + 16];
+                        sx[j] = xb[j] + xb[j + 16];
+                    }
+                    for j in 0..16 {
+                        acc[j] += d * s[j];
+                    }
+                    offset += m * sx.iter().sum::<f32>();
+                }
+                acc.iter().sum::<f32>() + offset
+            }
+            GgmlType::Q4_0 => {
+                let mut acc = [0f32; 16];
+                for (b, xb) in w.chunks_exact(18).zip(x.chunks_exact(32)) {
+                    let d = half(b, 0);
+                    let qs = &b[2..18];
+                    for j in 0..16 {
+                        let lo = (qs[j] & 0x0f) as i32 - 8;
+                        let hi = (qs[j] >> 4) as i32 - 8;
+                        acc[j] += d * (lo as f32 * xb[j] + hi as f32 * xb[j + 16]);
+                    }
+                }
+                acc.iter().sum()
+            }
+            GgmlType::Q8_0 => {
+                let mut acc = [0f32; 32];
+                for (b, xb) in w.chunks_exact(34).zip(x.chunks_exact(32)) {
+                    let d = half(b, 0);
+                    let mut s = [0f32; 32];
+                    for j in 0..32 {
+                        s[j] = (b[2 + j] as i8) as f32 * xb[j];
+                    }
+                    for j in 0..32 {
+                        acc[j] += d * s[j];
+                    }
+                }
+                acc.iter().sum()
+            }
+            GgmlType::F32 => {
+                let mut acc = [0f32; 16];
+                for (b, xb) in w.chunks_exact(64).zip(x.chunks_exact(16)) {
+                    for j in 0..16 {
+                        let v = f32::from_le_bytes([
+                            b[4 * j],
+                            b[4 * j + 1],
+                            b[4 * j + 2],
+                            b[4 * j + 3],
+                        ]);
+                        acc[j] += v * xb[j];
+                    }
+                }
+                let done = x.len() / 16 * 16;
+                let mut tail = 0f32;
+                for i in done..x.len() {
+                    let v =
+                        f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]);
+                    tail += v * x[i];
+                }
+                acc.iter().sum::<f32>() + tail
+            }
+            _ => {
+                // Every other type: decode a block into a stack buffer, then a wide dot.
+                let (bs, ts) = (ty.block_size(), ty.type_size());
+                let mut buf = [0f32; 256];
+                let mut acc = [0f32; 16];
+                if bs >= 16 {
+                    for (b, xb) in w.chunks_exact(ts).zip(x.chunks_exact(bs)) {
+                        dequantize_block(ty, b, &mut buf[..bs]);
+                        for (wc, xc) in buf[..bs].chunks_exact(16).zip(xb.chunks_exact(16)) {
+                            for j in 0..16 {
+                                acc[j] += wc[j] * xc[j];
+                            }
+                        }
+                    }
+                    acc.iter().sum()
+                } else {
+                    let mut total = 0f32;
+                    for (b, xv) in w.chunks_exact(ts).zip(x) {
+                        dequantize_block(ty, b, &mut buf[..1]);
+                        total += buf[0] * xv;
+                    }
+                    total
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantize_round_trips_within_the_type_step() {
+        let x = values(256, 7);
+        for (ty, tol) in [
+            (GgmlType::F32, 0.0),
+            (GgmlType::F16, 1e-3),
+            (GgmlType::Bf16, 8e-3),
+            (GgmlType::Q8_0, 1.0 / 127.0),
+            (GgmlType::Q5_0, 1.0 / 16.0),
+            (GgmlType::Q5_1, 2.0 / 31.0),
+            (GgmlType::Q4_0, 1.0 / 8.0),
+            (GgmlType::Q4_1, 2.0 / 15.0),
+        ] {
+            let q = quantize(ty, &x).unwrap();
+            assert_eq!(q.len(), ty.row_bytes(256).unwrap(), "{}", ty.name());
+            let y = dequantize(ty, &q);
+            let err = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(err <= tol * 1.01 + 1e-6, "{}: max error {err}", ty.name());
+        }
+    }
+
+    #[test]
+    fn matmul_paths_agree_with_dequantized_product() {
+        let (rows, cols) = (70, 512);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+            GgmlType::F32,
+        ] {
+            let w = QMatrix::new(
+                ty,
+                rows,
+                cols,
+                quantize(ty, &values(rows * cols, 3)).unwrap(),
+            )
+            .unwrap();
+            let dense = w.dequantize();
+            for n in [1, 3, 9] {
+                let x = values(n * cols, 11 + n as u32);
+                let y = w.matmul(&x, n);
+                for i in 0..n {
+                    for r in 0..rows {
+                        let want: f32 = (0..cols)
+                            .map(|k| x[i * cols + k] * dense[r * cols + k])
+                            .sum();
+                        let got = y[i * rows + r];
+                        assert!(
+                            (want - got).abs() < 1e-3 * (1.0 + want.abs()),
+                            "{} n={n}: {want} vs {got}",
+                            ty.name()
+                        );
+                    }
+                }
+                let g = values(n * rows, 5);
+                let gx = w.matmul_transposed(&g, n);
+                for i in 0..n {
+                    for k in (0..cols).step_by(37) {
+                        let want: f32 = (0..rows)
+                            .map(|r| g[i * rows + r] * dense[r * cols + k])
+                            .sum();
+                        assert!((want - gx[i * cols + k]).abs() < 1e-3 * (1.0 + want.abs()));
+                    }
+                }
+            }
+        }
+    }
+}
