@@ -229,6 +229,37 @@ impl Linear {
         }
     }
 
+    /// Several layers applied to the same input. Quantized layers on the CPU are computed in
+    /// one parallel pass (one activation readback, one 8-bit quantization of it).
+    pub fn forward_group<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
+        let quant: Option<Vec<&QMatrix>> = layers.iter().map(|l| l.quant.as_deref()).collect();
+        let Some(quant) = quant.filter(|_| layers.len() > 1) else {
+            return layers.iter().map(|l| l.forward(x.clone())).collect();
+        };
+        let dims = x.dims();
+        let device = x.device();
+        let n: usize = dims[..D - 1].iter().product();
+        let host = x
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 activations");
+        let outs = crate::quant::matmul_group(&quant, &host, n);
+        layers
+            .iter()
+            .zip(outs)
+            .map(|(l, y)| {
+                let mut out_dims = dims;
+                out_dims[D - 1] = l.d_out;
+                let y: Tensor<D> = Tensor::from_data(TensorData::new(y, out_dims), &device);
+                match &l.bias {
+                    Some(b) => y + b.val().unsqueeze(),
+                    None => y,
+                }
+            })
+            .collect()
+    }
+
     /// Weight as row-major `[d_out, d_in]` f32 (dequantized when quantized).
     pub fn weight_out_in(&self) -> Result<Vec<f32>> {
         match (&self.weight, &self.quant) {
@@ -458,7 +489,13 @@ impl CausalLm {
             x = x + block.o.forward(context);
             let h = block.mlp_norm.forward(x.clone());
             let inner = match &block.gate {
-                Some(gate) => silu(gate.forward(h.clone())) * block.up.forward(h),
+                Some(gate) => {
+                    let mut gu = Linear::forward_group(&[gate, &block.up], h).into_iter();
+                    match (gu.next(), gu.next()) {
+                        (Some(g), Some(u)) => silu(g) * u,
+                        _ => unreachable!("two projections"),
+                    }
+                }
                 None => gelu_tanh(block.up.forward(h)),
             };
             x = x + block.down.forward(inner);

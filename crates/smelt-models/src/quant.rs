@@ -438,18 +438,12 @@ impl QMatrix {
 
     /// `out[n, rows] = x[n, cols] · Wᵀ`.
     ///
-    /// Few input rows (token-by-token decoding) take the fused decode-and-dot kernel, which reads
-    /// every weight once per input row; many rows (prompt processing, training) dequantize a
-    /// tile of weight rows at a time into a cache-sized buffer and multiply it with a GEMM.
+    /// Few input rows (token-by-token decoding) take the fused decode-and-dot kernels, which
+    /// read every weight once per input row; many rows (prompt processing, training)
+    /// dequantize a tile of weight rows at a time into a cache-sized buffer and multiply it
+    /// with a GEMM.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        assert_eq!(x.len(), n * self.cols, "activation size must be n × cols");
-        let mut out = vec![0f32; n * self.rows];
-        if n >= GEMM_MIN_ROWS {
-            self.matmul_tiled(x, n, &mut out);
-        } else {
-            self.matmul_dot(x, n, &mut out);
-        }
-        out
+        matmul_group(&[self], x, n).pop().unwrap_or_default()
     }
 
     /// `out[n, cols] = g[n, rows] · W`: the product with the untransposed matrix, which is the
@@ -488,32 +482,6 @@ impl QMatrix {
             }
         }
         out
-    }
-
-    fn matmul_dot(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let rows = self.rows;
-        // Per-block sums of the activations let Q4_1/Q5_1 apply their offset once per block.
-        let chunk = rows
-            .div_ceil(rayon::current_num_threads().max(1) * 4)
-            .max(16);
-        let mut by_row = vec![0f32; rows * n];
-        by_row
-            .par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let start = c * chunk;
-                for (k, orow) in o.chunks_exact_mut(n).enumerate() {
-                    let w = self.row(start + k);
-                    for (i, v) in orow.iter_mut().enumerate() {
-                        *v = kernels::dot_row(self.ty, w, &x[i * self.cols..(i + 1) * self.cols]);
-                    }
-                }
-            });
-        for r in 0..rows {
-            for i in 0..n {
-                out[i * rows + r] = by_row[r * n + i];
-            }
-        }
     }
 
     fn matmul_tiled(&self, x: &[f32], n: usize, out: &mut [f32]) {
@@ -560,6 +528,135 @@ impl QMatrix {
     }
 }
 
+/// Whether decoding kernels multiply by f32 activations (exactly "dequantize, then multiply",
+/// the default) instead of activations quantized to 8 bits per block of 32, as llama.cpp
+/// does. The 8-bit path is faster; its results differ from the f32 product by the rounding
+/// of the activations (relative error about 0.4 % per element), enough to change greedy
+/// continuations after a few tokens.
+static EXACT_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Chooses f32 (`true`, the default) or 8-bit (`false`) activations for the decoding kernels.
+pub fn set_exact_activations(exact: bool) {
+    EXACT_ACTIVATIONS.store(exact, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn exact_activations() -> bool {
+    EXACT_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Activations quantized per block of 32: `q = round(x / d)` with `d = max|x| / 127`.
+pub struct Q8Acts {
+    pub qs: Vec<i8>,
+    /// Scale of each block.
+    pub d: Vec<f32>,
+    /// `d · Σ q` of each block (for the offset of Q4_1 / Q5_1 weights).
+    pub sum: Vec<f32>,
+    /// `Σ q` of each block (for the +8 of Q4_0 codes).
+    pub isum: Vec<i32>,
+}
+
+impl Q8Acts {
+    pub fn new(x: &[f32]) -> Self {
+        let blocks = x.len() / 32;
+        let mut a = Q8Acts {
+            qs: vec![0; blocks * 32],
+            d: vec![0.0; blocks],
+            sum: vec![0.0; blocks],
+            isum: vec![0; blocks],
+        };
+        for (b, xb) in x.chunks_exact(32).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut isum = 0i32;
+            for (q, v) in a.qs[b * 32..b * 32 + 32].iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+                isum += *q as i32;
+            }
+            a.d[b] = d;
+            a.isum[b] = isum;
+            a.sum[b] = d * isum as f32;
+        }
+        a
+    }
+}
+
+/// Whether `ty` has an 8-bit-activation kernel.
+fn has_int8_kernel(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && kernels::int8_available()
+}
+
+/// `x[n, cols]` times the transpose of each matrix (all with `cols` columns), computed in one
+/// parallel pass over their rows, so that the projections sharing an input (Q, K and V; gate
+/// and up) cost one scheduling round instead of several.
+pub fn matmul_group(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    matmul_group_with(ms, x, n, exact_activations())
+}
+
+/// [`matmul_group`] with the activation precision given (`exact`: f32 activations).
+pub fn matmul_group_with(ms: &[&QMatrix], x: &[f32], n: usize, exact: bool) -> Vec<Vec<f32>> {
+    let cols = ms.first().map(|m| m.cols).unwrap_or(0);
+    assert!(
+        ms.iter().all(|m| m.cols == cols),
+        "grouped matrices share their input"
+    );
+    assert_eq!(x.len(), n * cols, "activation size must be n × cols");
+    if n >= GEMM_MIN_ROWS {
+        return ms
+            .iter()
+            .map(|m| {
+                let mut out = vec![0f32; n * m.rows];
+                m.matmul_tiled(x, n, &mut out);
+                out
+            })
+            .collect();
+    }
+    let acts: Vec<Option<Q8Acts>> =
+        if !exact && cols % 32 == 0 && ms.iter().any(|m| has_int8_kernel(m.ty)) {
+            (0..n)
+                .map(|i| Some(Q8Acts::new(&x[i * cols..(i + 1) * cols])))
+                .collect()
+        } else {
+            (0..n).map(|_| None).collect()
+        };
+    let total: usize = ms.iter().map(|m| m.rows).sum();
+    let chunk = total
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(32);
+    // Output in [rows, n] order per matrix; transposed below when n > 1.
+    let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
+    let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
+    for (m, out) in ms.iter().zip(outs.iter_mut()) {
+        for (c, o) in out.chunks_mut(chunk * n).enumerate() {
+            tasks.push((m, c * chunk, o));
+        }
+    }
+    tasks.into_par_iter().for_each(|(m, start, o)| {
+        let int8 = has_int8_kernel(m.ty);
+        for (k, orow) in o.chunks_exact_mut(n).enumerate() {
+            let w = m.row(start + k);
+            for (i, v) in orow.iter_mut().enumerate() {
+                *v = match (&acts[i], int8) {
+                    (Some(a), true) => kernels::dot_row_q8(m.ty, w, a),
+                    _ => kernels::dot_row(m.ty, w, &x[i * cols..(i + 1) * cols]),
+                };
+            }
+        }
+    });
+    if n > 1 {
+        for (m, out) in ms.iter().zip(outs.iter_mut()) {
+            let mut t = vec![0f32; n * m.rows];
+            for r in 0..m.rows {
+                for i in 0..n {
+                    t[i * m.rows + r] = out[r * n + i];
+                }
+            }
+            *out = t;
+        }
+    }
+    outs
+}
+
 /// Input rows from which [`QMatrix::matmul`] switches to dequantized tiles and a GEMM.
 const GEMM_MIN_ROWS: usize = 6;
 /// Weight rows dequantized per GEMM tile.
@@ -579,6 +676,43 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 mod kernels {
     use super::{dequantize_block, half, GgmlType};
 
+    /// Whether the 8-bit-activation kernels can run on this CPU.
+    pub fn int8_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Dot product of one quantized row with 8-bit activations (see [`super::Q8Acts`]).
+    /// Only for types where [`super::has_int8_kernel`] holds.
+    #[inline]
+    pub fn dot_row_q8(ty: GgmlType, w: &[u8], a: &super::Q8Acts) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: callers check `int8_available` (through `has_int8_kernel`).
+            unsafe {
+                match ty {
+                    GgmlType::Q4_1 => avx2::q4_1_q8(w, a),
+                    GgmlType::Q4_0 => avx2::q4_0_q8(w, a),
+                    GgmlType::Q8_0 => avx2::q8_0_q8(w, a),
+                    _ => unreachable!("no 8-bit kernel for {}", ty.name()),
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (w, a);
+            unreachable!("no 8-bit kernel for {}", ty.name())
+        }
+    }
+
     /// Dot product of one quantized row with `x`.
     #[inline]
     pub fn dot_row(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
@@ -597,7 +731,176 @@ mod kernels {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_row_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
-        dot_row_generic(ty, w, x)
+        match ty {
+            GgmlType::Q4_1 => avx2::q4_1(w, x),
+            GgmlType::Q4_0 => avx2::q4_0(w, x),
+            GgmlType::Q8_0 => avx2::q8_0(w, x),
+            _ => dot_row_generic(ty, w, x),
+        }
+    }
+
+    /// Hand-written AVX2 kernels for the most common block types: the codes of a block are
+    /// widened to f32 in registers and multiplied with the activations, one scale per block.
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        #[inline(always)]
+        unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
+            let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+
+        /// 16 packed bytes of nibbles to (codes 0..16, codes 16..32), each as 16 bytes.
+        #[inline(always)]
+        unsafe fn nibbles(qs: *const u8) -> (__m128i, __m128i) {
+            let q = _mm_loadu_si128(qs as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            (
+                _mm_and_si128(q, mask),
+                _mm_and_si128(_mm_srli_epi16(q, 4), mask),
+            )
+        }
+
+        /// Σ codes[j]·x[j] for 16 unsigned byte codes and 16 activations.
+        #[inline(always)]
+        unsafe fn dot16_u8(codes: __m128i, x: *const f32, acc: __m256) -> __m256 {
+            let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+            let b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+            let acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc);
+            _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), acc)
+        }
+
+        /// Σ over 32 lanes of u8 `w` · i8 `x`, as 8 i32 partial sums.
+        #[inline(always)]
+        unsafe fn dot32_u8_i8(w: __m256i, x: __m256i) -> __m256i {
+            let pairs = _mm256_maddubs_epi16(w, x);
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        }
+
+        /// 16 packed nibble bytes as 32 codes in order (low nibbles first).
+        #[inline(always)]
+        unsafe fn nibbles32(qs: *const u8) -> __m256i {
+            let (lo, hi) = nibbles(qs);
+            _mm256_set_m128i(hi, lo)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q4_1_q8(w: &[u8], a: &super::super::Q8Acts) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            let mut offset = 0f32;
+            for (b, blk) in w.chunks_exact(20).enumerate() {
+                let dw = f16_at(blk, 0);
+                let mw = f16_at(blk, 2);
+                let codes = nibbles32(blk.as_ptr().add(4));
+                let xq = _mm256_loadu_si256(a.qs.as_ptr().add(32 * b) as *const __m256i);
+                let s = _mm256_cvtepi32_ps(dot32_u8_i8(codes, xq));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d[b]), s, acc);
+                offset += mw * a.sum[b];
+            }
+            hsum(acc) + offset
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q4_0_q8(w: &[u8], a: &super::super::Q8Acts) -> f32 {
+            let mut acc = 0f32;
+            let mut vacc = _mm256_setzero_ps();
+            for (b, blk) in w.chunks_exact(18).enumerate() {
+                let dw = f16_at(blk, 0);
+                let codes = nibbles32(blk.as_ptr().add(2));
+                let xq = _mm256_loadu_si256(a.qs.as_ptr().add(32 * b) as *const __m256i);
+                let s = _mm256_cvtepi32_ps(dot32_u8_i8(codes, xq));
+                let scale = dw * a.d[b];
+                vacc = _mm256_fmadd_ps(_mm256_set1_ps(scale), s, vacc);
+                // Codes carry +8.
+                acc -= scale * 8.0 * a.isum[b] as f32;
+            }
+            hsum(vacc) + acc
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q8_0_q8(w: &[u8], a: &super::super::Q8Acts) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            for (b, blk) in w.chunks_exact(34).enumerate() {
+                let dw = f16_at(blk, 0);
+                let wq = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
+                let xq = _mm256_loadu_si256(a.qs.as_ptr().add(32 * b) as *const __m256i);
+                // |w| · (x with w's sign): u8 × i8 products equal w · x.
+                let s = dot32_u8_i8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d[b]), _mm256_cvtepi32_ps(s), acc);
+            }
+            hsum(acc)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q4_1(w: &[u8], x: &[f32]) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            let mut offset = _mm256_setzero_ps();
+            for (b, xb) in w.chunks_exact(20).zip(x.chunks_exact(32)) {
+                let d = _mm256_set1_ps(f16_at(b, 0));
+                let m = _mm256_set1_ps(f16_at(b, 2));
+                let (lo, hi) = nibbles(b.as_ptr().add(4));
+                let xp = xb.as_ptr();
+                let s = dot16_u8(lo, xp, _mm256_setzero_ps());
+                let s = dot16_u8(hi, xp.add(16), s);
+                acc = _mm256_fmadd_ps(d, s, acc);
+                let sx = _mm256_add_ps(
+                    _mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8))),
+                    _mm256_add_ps(_mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))),
+                );
+                offset = _mm256_fmadd_ps(m, sx, offset);
+            }
+            hsum(_mm256_add_ps(acc, offset))
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q4_0(w: &[u8], x: &[f32]) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            let eight = _mm256_set1_ps(8.0);
+            for (b, xb) in w.chunks_exact(18).zip(x.chunks_exact(32)) {
+                let d = _mm256_set1_ps(f16_at(b, 0));
+                let (lo, hi) = nibbles(b.as_ptr().add(2));
+                let xp = xb.as_ptr();
+                let s = dot16_u8(lo, xp, _mm256_setzero_ps());
+                let s = dot16_u8(hi, xp.add(16), s);
+                // Codes are stored plus 8: subtract 8·Σx.
+                let sx = _mm256_add_ps(
+                    _mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8))),
+                    _mm256_add_ps(_mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))),
+                );
+                let s = _mm256_fnmadd_ps(eight, sx, s);
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+            hsum(acc)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q8_0(w: &[u8], x: &[f32]) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            for (b, xb) in w.chunks_exact(34).zip(x.chunks_exact(32)) {
+                let d = _mm256_set1_ps(f16_at(b, 0));
+                let q = b.as_ptr().add(2);
+                let xp = xb.as_ptr();
+                let mut s = _mm256_setzero_ps();
+                for k in 0..4 {
+                    let codes = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+                    s = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp.add(8 * k)), s);
+                }
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+            hsum(acc)
+        }
     }
 
     #[inline(always)]
@@ -762,7 +1065,24 @@ mod tests {
             let dense = w.dequantize();
             for n in [1, 3, 9] {
                 let x = values(n * cols, 11 + n as u32);
-                let y = w.matmul(&x, n);
+                let y = matmul_group_with(&[&w], &x, n, true).pop().unwrap();
+                let y8 = matmul_group_with(&[&w], &x, n, false).pop().unwrap();
+                for i in 0..n {
+                    for r in 0..rows {
+                        // 8-bit activations: error bounded by the rounding of x (d/2 per
+                        // element, d = max|x|/127 per block) times the weights.
+                        let bound: f32 = (0..cols).map(|k| dense[r * cols + k].abs()).sum::<f32>()
+                            * (1.0 / 127.0 / 2.0)
+                            + 1e-4;
+                        let exact = y[i * rows + r];
+                        assert!(
+                            (y8[i * rows + r] - exact).abs() <= bound,
+                            "{} n={n}: 8-bit {} vs {exact}",
+                            ty.name(),
+                            y8[i * rows + r]
+                        );
+                    }
+                }
                 for i in 0..n {
                     for r in 0..rows {
                         let want: f32 = (0..cols)

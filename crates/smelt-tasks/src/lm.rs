@@ -8,8 +8,9 @@ use rand_chacha::ChaCha8Rng;
 use smelt_data::examples::{label_set, read_examples, Columns, TextExample};
 use smelt_data::lm_tokenizer::{GgufVocab, LmTokenizer, Message};
 use smelt_data::table::ReadOptions;
-use smelt_models::causal::{CausalLm, KvCache, Step};
+use smelt_models::causal::{is_cpu, CausalLm, KvCache, Step};
 use smelt_models::gguf::{GgufFile, Value};
+use smelt_models::host_decode::HostModel;
 use smelt_models::weights::tensor_to_vec;
 use smelt_models::ModelError;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ pub struct LanguageModel {
     pub model: CausalLm,
     pub tokenizer: LmTokenizer,
     pub source: PathBuf,
+    host: std::sync::OnceLock<HostModel>,
 }
 
 impl LanguageModel {
@@ -61,11 +63,25 @@ impl LanguageModel {
             model,
             tokenizer: tok,
             source: path.to_path_buf(),
+            host: std::sync::OnceLock::new(),
         })
     }
 
     pub fn context(&self) -> usize {
         self.model.config.context
+    }
+
+    /// The fused CPU path for single sequences (built on first use), when the model is on
+    /// the CPU and `SMELT_TENSOR_DECODE` is not set.
+    pub fn host(&self) -> Result<Option<&HostModel>> {
+        if !is_cpu(&self.model.device()) || std::env::var_os("SMELT_TENSOR_DECODE").is_some() {
+            return Ok(None);
+        }
+        if let Some(h) = self.host.get() {
+            return Ok(Some(h));
+        }
+        let h = HostModel::new(&self.model)?;
+        Ok(Some(self.host.get_or_init(|| h)))
     }
 }
 
@@ -369,6 +385,27 @@ pub fn generate(
     lm: &LanguageModel,
     prompts: &[Vec<u32>],
     options: &GenerateOptions,
+    on_text: impl FnMut(usize, &str) + Send,
+) -> Result<(Vec<Generation>, GenerateStats)> {
+    // Decoding runs hundreds of small parallel kernels per token. Running the loop on a worker
+    // of the pool lets this thread take part in them instead of sleeping and waking for each.
+    on_pool(|| generate_inner(lm, prompts, options, on_text))
+}
+
+/// Runs `f` on a thread of rayon's pool (the calling thread waits once, not per kernel).
+pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|s| s.spawn(|_| out = Some(f())));
+    out.expect("the pool ran the job")
+}
+
+fn generate_inner(
+    lm: &LanguageModel,
+    prompts: &[Vec<u32>],
+    options: &GenerateOptions,
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     options.sampling.validate()?;
@@ -409,6 +446,8 @@ pub fn generate(
         padded.then(|| valid.iter().flatten().copied().collect::<Vec<bool>>())
     };
     let mut cache = KvCache::new();
+    let host = if b == 1 { lm.host()? } else { None };
+    let mut host_cache = host.map(HostModel::new_cache);
     let start = std::time::Instant::now();
     let mut step = Step {
         tokens,
@@ -417,7 +456,13 @@ pub fn generate(
         positions,
         key_valid: key_valid(&valid),
     };
-    let mut logits = lm.model.last_logits(&step, &mut cache)?;
+    let mut run = |step: &Step| -> Result<Vec<f32>> {
+        match (host, host_cache.as_mut()) {
+            (Some(h), Some(c)) => Ok(h.forward(&step.tokens, c)?),
+            _ => Ok(tensor_to_vec(lm.model.last_logits(step, &mut cache)?)?),
+        }
+    };
+    let mut logits = run(&step)?;
     let mut stats = GenerateStats {
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
         prompt_seconds: start.elapsed().as_secs_f64(),
@@ -438,7 +483,7 @@ pub fn generate(
     let mut next_pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let vocab = lm.model.config.vocab_size;
     for _ in 0..options.max_new_tokens {
-        let host = tensor_to_vec(logits)?;
+        let host = &logits;
         let mut next = vec![pad_id; b];
         for r in 0..b {
             if finish[r].is_some() {
@@ -481,7 +526,7 @@ pub fn generate(
         for p in next_pos.iter_mut() {
             *p += 1;
         }
-        logits = lm.model.last_logits(&step, &mut cache)?;
+        logits = run(&step)?;
     }
     stats.generate_seconds = start.elapsed().as_secs_f64();
     let mut out = Vec::with_capacity(b);

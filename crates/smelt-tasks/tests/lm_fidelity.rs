@@ -277,3 +277,28 @@ fn gpt2_tokenizer_matches_reference() {
         "naïve café 🙂"
     );
 }
+
+#[test]
+fn host_path_equals_tensor_path_for_gpt2_layout() {
+    let model = CausalLm::load_hf(&fixtures().join("tiny-gpt2"), &Device::flex()).unwrap();
+    let host = smelt_models::host_decode::HostModel::new(&model).unwrap();
+    let tokens = [5u32, 17, 200, 3, 99, 383, 0, 42];
+    let mut hc = host.new_cache();
+    let mut tc = KvCache::new();
+    // A prompt of six, then two single steps.
+    let chunks: [&[u32]; 3] = [&tokens[..6], &tokens[6..7], &tokens[7..]];
+    let mut start = 0;
+    for c in chunks {
+        let a = host.forward(c, &mut hc).unwrap();
+        let b =
+            tensor_to_vec(model.last_logits(&Step::single(c, start), &mut tc).unwrap()).unwrap();
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "after {} tokens: {err}", start + c.len());
+        start += c.len();
+    }
+    assert_eq!(hc.len(), tokens.len());
+}
