@@ -9,7 +9,8 @@ pub enum DataError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
-        #[source]
+        // Not marked as the error's source: the message already includes it, and `{:#}`
+        // would print it twice.
         source: std::io::Error,
     },
     #[error(

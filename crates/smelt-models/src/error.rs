@@ -10,7 +10,8 @@ pub enum ModelError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
-        #[source]
+        // Not marked as the error's source: the message already includes it, and `{:#}`
+        // would print it twice.
         source: std::io::Error,
     },
     #[error("{path}: not a valid safetensors file: {message}")]

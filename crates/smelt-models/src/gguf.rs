@@ -311,12 +311,12 @@ impl GgufFile {
         // Each metadata entry takes at least 13 bytes, each tensor entry at least 24.
         if kv_count.saturating_mul(13) > r.remaining() as u64 {
             return Err(bad(format!(
-                "claims {kv_count} metadata entries, more than the file can hold"
+                "claims {kv_count} metadata entries, more than the file can hold (truncated file?)"
             )));
         }
         if tensor_count.saturating_mul(24) > r.remaining() as u64 {
             return Err(bad(format!(
-                "claims {tensor_count} tensors, more than the file can hold"
+                "claims {tensor_count} tensors, more than the file can hold (truncated file?)"
             )));
         }
         let mut metadata = BTreeMap::new();
@@ -632,6 +632,134 @@ mod tests {
             if let Ok(f) = r {
                 let t = &f.tensors[0];
                 assert!(t.offset + t.bytes <= cut);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod malformed {
+    use super::*;
+
+    fn header(version: u32, tensors: u64, kvs: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&version.to_le_bytes());
+        b.extend_from_slice(&tensors.to_le_bytes());
+        b.extend_from_slice(&kvs.to_le_bytes());
+        b
+    }
+
+    fn put_str(b: &mut Vec<u8>, s: &str) {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    }
+
+    fn tensor_entry(b: &mut Vec<u8>, name: &str, dims: &[u64], ty: u32, offset: u64) {
+        put_str(b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+    }
+
+    fn err(bytes: Vec<u8>) -> String {
+        match GgufFile::from_bytes(Path::new("bad.gguf"), bytes) {
+            Ok(_) => panic!("malformed file accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn each_kind_of_damage_is_named() {
+        assert!(err(b"GGML\x03\0\0\0".to_vec()).contains("magic"));
+        assert!(err(header(1, 0, 0)).contains("version 1"));
+        assert!(err(header(3, u64::MAX, 0)).contains("tensors, more than the file"));
+        assert!(err(header(3, 0, u64::MAX)).contains("metadata entries"));
+
+        // A metadata string claiming more bytes than the file holds.
+        let mut b = header(3, 0, 1);
+        put_str(&mut b, "general.name");
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(err(b).contains("longer than the rest of the file"));
+
+        // An array claiming 2^60 elements.
+        let mut b = header(3, 0, 1);
+        put_str(&mut b, "tokens");
+        b.extend_from_slice(&9u32.to_le_bytes());
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(err(b).contains("elements"));
+
+        // Unknown value type.
+        let mut b = header(3, 0, 1);
+        put_str(&mut b, "x");
+        b.extend_from_slice(&99u32.to_le_bytes());
+        assert!(err(b).contains("unknown value type 99"));
+
+        // Absurd dimension count, unknown tensor type, huge dims, data outside the file.
+        let mut b = header(3, 1, 0);
+        tensor_entry(&mut b, "w", &[1, 2, 3, 4, 5, 6, 7], 0, 0);
+        assert!(err(b).contains("7 dimensions"));
+        let mut b = header(3, 1, 0);
+        tensor_entry(&mut b, "w", &[32], 77, 0);
+        assert!(err(b).contains("GGML type 77"));
+        let mut b = header(3, 1, 0);
+        tensor_entry(&mut b, "w", &[1 << 40, 1 << 40], 0, 0);
+        assert!(err(b).contains("too large"));
+        let mut b = header(3, 1, 0);
+        tensor_entry(&mut b, "w", &[32, 2], 0, 0);
+        assert!(err(b).contains("outside the file"));
+        let mut b = header(3, 1, 0);
+        tensor_entry(&mut b, "w", &[33], 8, 0);
+        assert!(err(b).contains("block size 32"));
+        let mut b = header(3, 1, 0);
+        tensor_entry(&mut b, "w", &[8], 0, 3);
+        b.resize(256, 0);
+        assert!(err(b).contains("alignment"));
+    }
+
+    #[test]
+    fn random_damage_never_panics() {
+        // A deterministic stand-in for the fuzz target (fuzz/fuzz_targets/gguf.rs): flip,
+        // overwrite and cut bytes of a valid file; every outcome must be Ok or a clean error.
+        let w: Vec<f32> = (0..128).map(|i| i as f32).collect();
+        let good = gguf_bytes(
+            &[
+                ("general.architecture".into(), Value::String("llama".into())),
+                ("a".into(), Value::Array(vec![Value::U32(1), Value::U32(2)])),
+            ],
+            &[GgufTensor {
+                name: "t".into(),
+                dims: vec![32, 4],
+                ty: GgmlType::Q4_1,
+                data: crate::quant::quantize(GgmlType::Q4_1, &w).unwrap(),
+            }],
+        );
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..4000 {
+            let mut b = good.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % b.len();
+                b[at] = next() as u8;
+            }
+            if next() % 3 == 0 {
+                b.truncate((next() as usize) % b.len());
+            }
+            if let Ok(f) = GgufFile::from_bytes(Path::new("fuzz.gguf"), b) {
+                for t in &f.tensors {
+                    assert!(t.offset + t.bytes <= f.bytes.len());
+                    let _ = crate::quant::dequantize(t.ty, f.tensor_bytes(t));
+                }
             }
         }
     }

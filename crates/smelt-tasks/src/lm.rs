@@ -871,15 +871,31 @@ pub fn inspect(path: &Path) -> Result<String> {
     use std::fmt::Write;
     let mut s = String::new();
     if path.is_dir() {
-        let config = smelt_models::causal::hf_config(&path.join("config.json"));
-        let weights = smelt_models::weights::WeightFile::open(&path.join("model.safetensors"))?;
+        let config_path = path.join("config.json");
         writeln!(s, "{}: Hugging Face directory", path.display()).ok();
-        match config {
+        match smelt_models::causal::hf_config(&config_path) {
             Ok(c) => describe_config(&mut s, &c),
-            Err(e) => {
-                writeln!(s, "config: not a causal LM config ({e})").ok();
-            }
+            Err(e) => match smelt_models::bert::BertConfig::from_file(&config_path) {
+                Ok(b) => {
+                    writeln!(
+                        s,
+                        "architecture: bert ({} layers, hidden {}, {} heads, intermediate {}, vocab {})",
+                        b.num_hidden_layers, b.hidden_size, b.num_attention_heads,
+                        b.intermediate_size, b.vocab_size
+                    )
+                    .ok();
+                }
+                Err(_) => return Err(e.into()),
+            },
         }
+        let weights_path = path.join("model.safetensors");
+        if !weights_path.exists() && path.join("pytorch_model.bin").exists() {
+            return Err(ModelError::Pickle {
+                path: path.join("pytorch_model.bin"),
+            }
+            .into());
+        }
+        let weights = smelt_models::weights::WeightFile::open(&weights_path)?;
         let names = weights.names();
         let mut params = 0usize;
         let mut dtypes = std::collections::BTreeMap::new();
