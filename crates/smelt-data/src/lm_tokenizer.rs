@@ -290,8 +290,14 @@ impl LmTokenizer {
             })
     }
 
+    /// Tokens including added (special) tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Tokens of the model vocabulary proper, without added tokens.
+    pub fn base_vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(false)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -124,6 +124,7 @@ pub struct HostModel {
 }
 
 /// Keys and values of one sequence: per layer, `[position][kv_heads × head_dim]`.
+#[derive(Clone)]
 pub struct HostCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,

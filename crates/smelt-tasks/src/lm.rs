@@ -51,11 +51,13 @@ impl LanguageModel {
             };
             (model, tok)
         };
-        if tok.vocab_size() > model.config.vocab_size {
+        // Added special tokens may lie beyond the model's rows (as Whisper's do beyond GPT-2's);
+        // they are refused when a text produces one.
+        if tok.base_vocab_size() > model.config.vocab_size {
             return Err(TaskError::Invalid(format!(
                 "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
                 tok.source.display(),
-                tok.vocab_size(),
+                tok.base_vocab_size(),
                 model.config.vocab_size
             )));
         }
@@ -659,9 +661,37 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
         .map(|l| tok.encode(&format!(" {l}"), false))
         .collect::<std::result::Result<_, _>>()?;
     let start = std::time::Instant::now();
-    let mut prefix_cache = KvCache::new();
-    lm.model
-        .forward_hidden(&Step::single(&prefix_ids, 0), &mut prefix_cache)?;
+    let host = lm.host()?;
+    let vocab = lm.model.config.vocab_size;
+    // Log-probabilities of `ids` following the cached context (`past` positions), and of the
+    // token after them, computed on the host path when there is one.
+    enum Ctx {
+        Host(smelt_models::host_decode::HostCache),
+        Tensor(KvCache),
+    }
+    let extend = |ctx: &mut Ctx, ids: &[u32], past: usize| -> Result<Vec<Vec<f32>>> {
+        // One row of log-probabilities per position of `ids` (each predicting the next token).
+        match ctx {
+            Ctx::Host(c) => {
+                let h = host.expect("host path");
+                let mut rows = Vec::with_capacity(ids.len());
+                if ids.len() > 1 {
+                    h.forward(&ids[..ids.len() - 1], c)?;
+                }
+                rows.push(log_softmax(h.forward(&ids[ids.len() - 1..], c)?, vocab));
+                Ok(rows)
+            }
+            Ctx::Tensor(c) => {
+                let h = lm.model.forward_hidden(&Step::single(ids, past), c)?;
+                Ok(vec![log_softmax_last(lm, h)?])
+            }
+        }
+    };
+    let mut prefix = match host {
+        Some(h) => Ctx::Host(h.new_cache()),
+        None => Ctx::Tensor(KvCache::new()),
+    };
+    extend(&mut prefix, &prefix_ids, 0)?;
     let rows: Vec<&TextExample> = data
         .examples
         .iter()
@@ -684,24 +714,28 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
             )));
         }
         prompt_tokens += query.len();
-        let mut cache = prefix_cache.clone();
-        let h = lm
-            .model
-            .forward_hidden(&Step::single(&query, prefix_ids.len()), &mut cache)?;
-        let first = log_softmax_last(lm, h)?;
+        let mut ctx = match &prefix {
+            Ctx::Host(c) => Ctx::Host(c.clone()),
+            Ctx::Tensor(c) => Ctx::Tensor(c.clone()),
+        };
+        let first = extend(&mut ctx, &query, prefix_ids.len())?
+            .pop()
+            .unwrap_or_default();
         let mut best = (f64::NEG_INFINITY, 0);
         for (li, ids) in label_ids.iter().enumerate() {
             let mut score = first[ids[0] as usize] as f64;
+            let mut past = prefix_ids.len() + query.len();
             if ids.len() > 1 {
-                let mut c = cache.clone();
-                let h = lm.model.forward_hidden(
-                    &Step::single(&ids[..ids.len() - 1], prefix_ids.len() + query.len()),
-                    &mut c,
-                )?;
-                let lp = log_softmax_rows(lm, h)?;
-                let vocab = lm.model.config.vocab_size;
-                for (k, &t) in ids[1..].iter().enumerate() {
-                    score += lp[k * vocab + t as usize] as f64;
+                let mut c = match &ctx {
+                    Ctx::Host(c) => Ctx::Host(c.clone()),
+                    Ctx::Tensor(c) => Ctx::Tensor(c.clone()),
+                };
+                for k in 1..ids.len() {
+                    let lp = extend(&mut c, &ids[k - 1..k], past)?
+                        .pop()
+                        .unwrap_or_default();
+                    score += lp[ids[k] as usize] as f64;
+                    past += 1;
                 }
                 prompt_tokens += ids.len() - 1;
             }
@@ -739,12 +773,6 @@ fn log_softmax_last(lm: &LanguageModel, h: burn::tensor::Tensor<3>) -> Result<Ve
     let [b, t, d] = h.dims();
     let last = h.slice([0..b, t - 1..t, 0..d]).reshape([b, d]);
     let logits = tensor_to_vec(lm.model.logits(last))?;
-    Ok(log_softmax(logits, lm.model.config.vocab_size))
-}
-
-fn log_softmax_rows(lm: &LanguageModel, h: burn::tensor::Tensor<3>) -> Result<Vec<f32>> {
-    let [b, t, d] = h.dims();
-    let logits = tensor_to_vec(lm.model.logits(h.reshape([b * t, d])))?;
     Ok(log_softmax(logits, lm.model.config.vocab_size))
 }
 
