@@ -12,6 +12,7 @@ pub mod host_decode;
 pub mod init;
 pub mod layers;
 pub mod quant;
+pub mod team;
 pub mod weights;
 
 pub use burn;

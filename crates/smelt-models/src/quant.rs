@@ -657,6 +657,58 @@ pub fn matmul_group_with(ms: &[&QMatrix], x: &[f32], n: usize, exact: bool) -> V
     outs
 }
 
+/// One activation row times the transpose of each matrix, split across a [`Team`]
+/// (contiguous shares of all the matrices' rows): the decoding kernel launch without a
+/// work-stealing pool's wake-ups.
+///
+/// [`Team`]: crate::team::Team
+pub fn matvec_team(team: &crate::team::Team, ms: &[&QMatrix], x: &[f32]) -> Vec<Vec<f32>> {
+    let cols = ms.first().map(|m| m.cols).unwrap_or(0);
+    assert!(
+        ms.iter().all(|m| m.cols == cols),
+        "grouped matrices share their input"
+    );
+    assert_eq!(x.len(), cols, "one activation row");
+    let acts = (!exact_activations() && cols % 32 == 0 && ms.iter().any(|m| has_int8_kernel(m.ty)))
+        .then(|| Q8Acts::new(x));
+    let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows]).collect();
+    let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    let mut offsets = Vec::with_capacity(ms.len() + 1);
+    offsets.push(0usize);
+    for m in ms {
+        offsets.push(offsets.last().copied().unwrap_or(0) + m.rows);
+    }
+    let total = *offsets.last().unwrap_or(&0);
+    // Rows are handed out in small chunks from a shared counter, so a member that runs slower
+    // (a busier core, a colder cache) takes fewer of them instead of holding the others up.
+    let chunk = (total / (team.threads() * 4)).clamp(16, 4096);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    team.run(&|_, _| loop {
+        let start = next.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
+        if start >= total {
+            break;
+        }
+        let end = (start + chunk).min(total);
+        let mut mi = offsets.partition_point(|&o| o <= start).saturating_sub(1);
+        for g in start..end {
+            while g >= offsets[mi + 1] {
+                mi += 1;
+            }
+            let m = ms[mi];
+            let r = g - offsets[mi];
+            let w = m.row(r);
+            let v = match (&acts, has_int8_kernel(m.ty)) {
+                (Some(a), true) => kernels::dot_row_q8(m.ty, w, a),
+                _ => kernels::dot_row(m.ty, w, x),
+            };
+            // SAFETY: every global row belongs to exactly one chunk, so each output element
+            // is written once, and `outs` outlives `run`.
+            unsafe { *ptrs[mi].0.add(r) = v };
+        }
+    });
+    outs
+}
+
 /// Input rows from which [`QMatrix::matmul`] switches to dequantized tiles and a GEMM.
 const GEMM_MIN_ROWS: usize = 6;
 /// Weight rows dequantized per GEMM tile.
@@ -731,11 +783,84 @@ mod kernels {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_row_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+        if avx512::available() {
+            match ty {
+                GgmlType::Q4_1 => return avx512::q4_1(w, x),
+                GgmlType::Q8_0 => return avx512::q8_0(w, x),
+                _ => {}
+            }
+        }
         match ty {
             GgmlType::Q4_1 => avx2::q4_1(w, x),
             GgmlType::Q4_0 => avx2::q4_0(w, x),
             GgmlType::Q8_0 => avx2::q8_0(w, x),
             _ => dot_row_generic(ty, w, x),
+        }
+    }
+
+    /// AVX-512 versions of the f32-activation kernels: sixteen lanes halve the instructions
+    /// per block, which matters when two threads share a core's execution units.
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use std::arch::x86_64::*;
+        use std::sync::OnceLock;
+
+        pub fn available() -> bool {
+            static AVAILABLE: OnceLock<bool> = OnceLock::new();
+            *AVAILABLE.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                    && std::env::var_os("SMELT_NO_AVX512").is_none()
+            })
+        }
+
+        #[inline(always)]
+        unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
+            let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+        pub unsafe fn q4_1(w: &[u8], x: &[f32]) -> f32 {
+            let mut acc = _mm512_setzero_ps();
+            let mut offset = _mm512_setzero_ps();
+            let mask = _mm_set1_epi8(0x0f);
+            for (b, xb) in w.chunks_exact(20).zip(x.chunks_exact(32)) {
+                let d = _mm512_set1_ps(f16_at(b, 0));
+                let m = _mm512_set1_ps(f16_at(b, 2));
+                let q = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                    _mm_srli_epi16(q, 4),
+                    mask,
+                )));
+                let x0 = _mm512_loadu_ps(xb.as_ptr());
+                let x1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+                let s = _mm512_fmadd_ps(lo, x0, _mm512_mul_ps(hi, x1));
+                acc = _mm512_fmadd_ps(d, s, acc);
+                offset = _mm512_fmadd_ps(m, _mm512_add_ps(x0, x1), offset);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc, offset))
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+        pub unsafe fn q8_0(w: &[u8], x: &[f32]) -> f32 {
+            let mut acc = _mm512_setzero_ps();
+            for (b, xb) in w.chunks_exact(34).zip(x.chunks_exact(32)) {
+                let d = _mm512_set1_ps(f16_at(b, 0));
+                let q0 = _mm_loadu_si128(b.as_ptr().add(2) as *const __m128i);
+                let q1 = _mm_loadu_si128(b.as_ptr().add(18) as *const __m128i);
+                let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
+                let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
+                let s = _mm512_fmadd_ps(
+                    w0,
+                    _mm512_loadu_ps(xb.as_ptr()),
+                    _mm512_mul_ps(w1, _mm512_loadu_ps(xb.as_ptr().add(16))),
+                );
+                acc = _mm512_fmadd_ps(d, s, acc);
+            }
+            _mm512_reduce_add_ps(acc)
         }
     }
 
