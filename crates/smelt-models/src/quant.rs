@@ -486,6 +486,35 @@ impl QMatrix {
 
     fn matmul_tiled(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
+        if self.ty == GgmlType::F32 && self.data.as_ptr() as usize % 4 == 0 {
+            // Already f32: one multithreaded GEMM straight from the stored rows.
+            // SAFETY: the bytes are `rows × cols` little-endian f32 values (checked at
+            // construction), suitably aligned (checked above), and x86/ARM are little-endian.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    rows,
+                    cols,
+                    out.as_mut_ptr(),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    self.data.as_ptr() as *const f32,
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                );
+            }
+            return;
+        }
         let tile = TILE_ROWS.min(rows);
         let tiles = rows.div_ceil(tile);
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -787,6 +816,7 @@ mod kernels {
             match ty {
                 GgmlType::Q4_1 => return avx512::q4_1(w, x),
                 GgmlType::Q8_0 => return avx512::q8_0(w, x),
+                GgmlType::F32 => return avx512::f32(w, x),
                 _ => {}
             }
         }
@@ -794,6 +824,7 @@ mod kernels {
             GgmlType::Q4_1 => avx2::q4_1(w, x),
             GgmlType::Q4_0 => avx2::q4_0(w, x),
             GgmlType::Q8_0 => avx2::q8_0(w, x),
+            GgmlType::F32 => avx2::f32(w, x),
             _ => dot_row_generic(ty, w, x),
         }
     }
@@ -842,6 +873,33 @@ mod kernels {
                 offset = _mm512_fmadd_ps(m, _mm512_add_ps(x0, x1), offset);
             }
             _mm512_reduce_add_ps(_mm512_add_ps(acc, offset))
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+        pub unsafe fn f32(w: &[u8], x: &[f32]) -> f32 {
+            let n = x.len();
+            let wp = w.as_ptr() as *const f32;
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut i = 0;
+            while i + 32 <= n {
+                a0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(wp.add(i)),
+                    _mm512_loadu_ps(x.as_ptr().add(i)),
+                    a0,
+                );
+                a1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(wp.add(i + 16)),
+                    _mm512_loadu_ps(x.as_ptr().add(i + 16)),
+                    a1,
+                );
+                i += 32;
+            }
+            let mut tail = 0f32;
+            while i < n {
+                tail += std::ptr::read_unaligned(wp.add(i)) * x[i];
+                i += 1;
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail
         }
 
         #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
@@ -965,6 +1023,33 @@ mod kernels {
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d[b]), _mm256_cvtepi32_ps(s), acc);
             }
             hsum(acc)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn f32(w: &[u8], x: &[f32]) -> f32 {
+            let n = x.len();
+            let wp = w.as_ptr() as *const f32;
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= n {
+                a0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(wp.add(i)),
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                    a0,
+                );
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(wp.add(i + 8)),
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                    a1,
+                );
+                i += 16;
+            }
+            let mut tail = 0f32;
+            while i < n {
+                tail += std::ptr::read_unaligned(wp.add(i)) * x[i];
+                i += 1;
+            }
+            hsum(_mm256_add_ps(a0, a1)) + tail
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
