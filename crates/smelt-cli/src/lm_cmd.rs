@@ -165,6 +165,9 @@ pub struct FewShotArgs {
     /// Compare labels by mean per-token log-likelihood instead of the total.
     #[arg(long)]
     normalize: bool,
+    /// Draw the shots at random regardless of label (default: labels take turns).
+    #[arg(long)]
+    unbalanced: bool,
     /// Classify only the first N rows of --data.
     #[arg(long)]
     limit: Option<usize>,
@@ -362,6 +365,7 @@ fn few_shot(a: FewShotArgs, device: &Device) -> Result<()> {
         seed: a.seed,
         instruction: a.instruction.clone(),
         normalize: a.normalize,
+        balanced: !a.unbalanced,
         limit: a.limit,
     };
     let report = lm::few_shot(&lm, &options)?;
@@ -369,7 +373,7 @@ fn few_shot(a: FewShotArgs, device: &Device) -> Result<()> {
         let v = serde_json::json!({
             "accuracy": report.accuracy, "correct": report.correct, "total": report.total,
             "shots": report.shots, "labels": report.labels, "seconds": report.seconds,
-            "prompt_tokens": report.prompt_tokens,
+            "prompt_tokens": report.prompt_tokens, "predicted_counts": report.predicted_counts,
         });
         println!("{v}");
     } else {

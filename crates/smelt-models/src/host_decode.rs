@@ -245,6 +245,10 @@ impl HostModel {
                 row.iter_mut().zip(p).for_each(|(a, b)| *a += b);
             }
         }
+        if t > 1 {
+            // Several rows go to rayon's pool (GEMM tiles, attention); let the team sleep.
+            self.team.rest();
+        }
         let hd = d / self.heads;
         let kvd = self.kv_heads * hd;
         let rope = (self.arch == Arch::Llama).then(|| self.rope_table(start, t, hd));

@@ -30,6 +30,8 @@ struct Shared {
     /// The current job, valid while `run` waits for it.
     job: Mutex<Option<JobPtr>>,
     stop: AtomicBool,
+    /// Set by `rest`: members park at once instead of spinning.
+    rest: AtomicBool,
     park: Mutex<()>,
     wake: Condvar,
 }
@@ -57,6 +59,7 @@ impl Team {
             caller: Mutex::new(()),
             job: Mutex::new(None),
             stop: AtomicBool::new(false),
+            rest: AtomicBool::new(false),
             park: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -81,6 +84,12 @@ impl Team {
         self.shared.threads
     }
 
+    /// Sends spinning members to sleep now, before the caller hands work to another pool:
+    /// spinning threads would take its cores. The next `run` wakes them.
+    pub fn rest(&self) {
+        self.shared.rest.store(true, Ordering::SeqCst);
+    }
+
     /// Runs `job(index, threads)` on every member, the caller being index 0, and returns when
     /// all have finished.
     pub fn run(&self, job: &(dyn Fn(usize, usize) + Sync)) {
@@ -95,6 +104,7 @@ impl Team {
         let ptr: *const Job =
             unsafe { std::mem::transmute(job as *const (dyn Fn(usize, usize) + Sync)) };
         *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(ptr));
+        self.shared.rest.store(false, Ordering::Relaxed);
         self.shared.done.store(0, Ordering::Relaxed);
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
@@ -122,7 +132,7 @@ fn member(shared: Arc<Shared>, index: usize) {
             }
             std::hint::spin_loop();
             spins += 1;
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if spins % 1024 == 0 && (start.elapsed() > SPIN || shared.rest.load(Ordering::Relaxed)) {
                 let guard = shared.park.lock().unwrap_or_else(|e| e.into_inner());
                 shared.sleepers.fetch_add(1, Ordering::SeqCst);
                 if shared.epoch.load(Ordering::SeqCst) == seen

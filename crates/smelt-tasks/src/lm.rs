@@ -569,6 +569,8 @@ pub struct FewShotOptions {
     pub instruction: Option<String>,
     /// Score labels by mean rather than total log-likelihood of their tokens.
     pub normalize: bool,
+    /// Let every label appear about equally often among the shots.
+    pub balanced: bool,
     /// Evaluate only the first N rows of the data file.
     pub limit: Option<usize>,
 }
@@ -583,8 +585,43 @@ pub struct FewShotReport {
     pub labels: Vec<String>,
     /// Predicted label of every evaluated row.
     pub predictions: Vec<String>,
+    /// How often each label was predicted, in the order of `labels`.
+    pub predicted_counts: Vec<usize>,
     pub prompt_tokens: usize,
     pub seconds: f64,
+}
+
+/// Indices of the `k` shots. Balanced: the labels take turns (as far as each has examples),
+/// each example drawn at random, and the shots are then shuffled; otherwise a plain random
+/// draw, which with few shots often over-represents one label and biases the model towards it.
+fn draw_shots(examples: &[TextExample], labels: &[String], k: usize, balanced: bool, seed: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut shuffle = |v: &mut Vec<usize>| {
+        for i in (1..v.len()).rev() {
+            let j = rng.random_range(0..=i);
+            v.swap(i, j);
+        }
+    };
+    let mut all: Vec<usize> = (0..examples.len()).collect();
+    shuffle(&mut all);
+    if !balanced {
+        all.truncate(k);
+        return all;
+    }
+    let mut by_label: Vec<std::collections::VecDeque<usize>> = labels
+        .iter()
+        .map(|l| all.iter().copied().filter(|&i| examples[i].label.as_ref() == Some(l)).collect())
+        .collect();
+    let mut out = Vec::with_capacity(k);
+    let mut turn = 0;
+    while out.len() < k && by_label.iter().any(|q| !q.is_empty()) {
+        if let Some(i) = by_label[turn % labels.len()].pop_front() {
+            out.push(i);
+        }
+        turn += 1;
+    }
+    shuffle(&mut out);
+    out
 }
 
 fn shot_text(e: &TextExample) -> String {
@@ -640,18 +677,13 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
             examples.examples.len()
         )));
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
-    let mut pool: Vec<usize> = (0..examples.examples.len()).collect();
-    for i in 0..o.shots {
-        let j = rng.random_range(i..pool.len());
-        pool.swap(i, j);
-    }
+    let shots = draw_shots(&examples.examples, &labels, o.shots, o.balanced, o.seed);
     let instruction = o
         .instruction
         .clone()
         .unwrap_or_else(|| format!("Classify each input as one of: {}.\n\n", labels.join(", ")));
     let mut prefix = instruction;
-    for &i in &pool[..o.shots] {
+    for &i in &shots {
         prefix.push_str(&shot_text(&examples.examples[i]));
     }
     let tok = &lm.tokenizer;
@@ -663,27 +695,21 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
     let start = std::time::Instant::now();
     let host = lm.host()?;
     let vocab = lm.model.config.vocab_size;
-    // Log-probabilities of `ids` following the cached context (`past` positions), and of the
-    // token after them, computed on the host path when there is one.
+    // Extends a cached context (`past` positions) by `ids` and returns the log-probabilities
+    // of the token after them, on the host path when there is one.
     enum Ctx {
         Host(smelt_models::host_decode::HostCache),
         Tensor(KvCache),
     }
-    let extend = |ctx: &mut Ctx, ids: &[u32], past: usize| -> Result<Vec<Vec<f32>>> {
-        // One row of log-probabilities per position of `ids` (each predicting the next token).
+    let extend = |ctx: &mut Ctx, ids: &[u32], past: usize| -> Result<Vec<f32>> {
         match ctx {
             Ctx::Host(c) => {
                 let h = host.expect("host path");
-                let mut rows = Vec::with_capacity(ids.len());
-                if ids.len() > 1 {
-                    h.forward(&ids[..ids.len() - 1], c)?;
-                }
-                rows.push(log_softmax(h.forward(&ids[ids.len() - 1..], c)?, vocab));
-                Ok(rows)
+                Ok(log_softmax(h.forward(ids, c)?, vocab))
             }
             Ctx::Tensor(c) => {
                 let h = lm.model.forward_hidden(&Step::single(ids, past), c)?;
-                Ok(vec![log_softmax_last(lm, h)?])
+                log_softmax_last(lm, h)
             }
         }
     };
@@ -718,9 +744,7 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
             Ctx::Host(c) => Ctx::Host(c.clone()),
             Ctx::Tensor(c) => Ctx::Tensor(c.clone()),
         };
-        let first = extend(&mut ctx, &query, prefix_ids.len())?
-            .pop()
-            .unwrap_or_default();
+        let first = extend(&mut ctx, &query, prefix_ids.len())?;
         let mut best = (f64::NEG_INFINITY, 0);
         for (li, ids) in label_ids.iter().enumerate() {
             let mut score = first[ids[0] as usize] as f64;
@@ -731,9 +755,7 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
                     Ctx::Tensor(c) => Ctx::Tensor(c.clone()),
                 };
                 for k in 1..ids.len() {
-                    let lp = extend(&mut c, &ids[k - 1..k], past)?
-                        .pop()
-                        .unwrap_or_default();
+                    let lp = extend(&mut c, &ids[k - 1..k], past)?;
                     score += lp[ids[k] as usize] as f64;
                     past += 1;
                 }
@@ -753,7 +775,9 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
         predictions.push(predicted);
     }
     let total = rows.len();
+    let predicted_counts = labels.iter().map(|l| predictions.iter().filter(|p| *p == l).count()).collect();
     Ok(FewShotReport {
+        predicted_counts,
         accuracy: if total == 0 {
             0.0
         } else {
