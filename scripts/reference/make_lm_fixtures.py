@@ -17,6 +17,11 @@ Writes:
                            saved by `save_pretrained` (config.json, model.safetensors)
   tiny_gpt2_reference.json its logits on fixed token ids and a greedy continuation
   gpt2_tokenizer_reference.json  token ids of fixed texts under models/gpt2-tokenizer
+  tiny-llama/              a Llama checkpoint with random weights (grouped-query attention,
+                           untied output projection), stored in bfloat16
+  tiny_llama_reference.json  its logits (computed in fp32 from the bfloat16 weights)
+
+`--only NAME` (smollm, tiny_gpt2, gpt2_tokenizer, tiny_llama) regenerates one part.
 """
 
 import argparse
@@ -26,6 +31,7 @@ import os
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
 TEXTS = [
@@ -117,6 +123,28 @@ def tiny_gpt2(out):
                    "greedy": gen[0, ids.shape[1]:].tolist()}, f)
 
 
+def tiny_llama(out):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(torch.bfloat16)
+    folder = os.path.join(out, "tiny-llama")
+    model.save_pretrained(folder, safe_serialization=True)
+    model = model.float().eval()
+    ids = torch.tensor([[5, 17, 200, 3, 99, 383, 0, 42, 7, 250]])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    with open(os.path.join(out, "tiny_llama_reference.json"), "w") as f:
+        json.dump({"ids": ids[0].tolist(), "logits": logits.tolist()}, f)
+
+
 def gpt2_tokenizer(assets, out):
     path = os.path.join(assets, "models", "gpt2-tokenizer", "tokenizer.json")
     tok = PreTrainedTokenizerFast(tokenizer_file=path)
@@ -129,12 +157,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only")
     args = ap.parse_args()
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
-    tiny_gpt2(args.out)
-    gpt2_tokenizer(args.assets, args.out)
-    smollm(args.assets, args.out)
+    parts = {
+        "tiny_gpt2": lambda: tiny_gpt2(args.out),
+        "gpt2_tokenizer": lambda: gpt2_tokenizer(args.assets, args.out),
+        "smollm": lambda: smollm(args.assets, args.out),
+        "tiny_llama": lambda: tiny_llama(args.out),
+    }
+    for name, run in parts.items():
+        if args.only in (None, name):
+            run()
 
 
 if __name__ == "__main__":

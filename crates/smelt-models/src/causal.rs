@@ -954,11 +954,28 @@ pub fn hf_config(path: &Path) -> Result<LmConfig> {
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let config = match model_type {
         "llama" => {
-            if let Some(scaling) = v.get("rope_scaling").filter(|s| !s.is_null()) {
-                return Err(bad(
-                    "rope_scaling",
-                    format!("is {scaling}; scaled rotary embeddings are not supported"),
-                ));
+            for key in ["rope_scaling", "rope_parameters"] {
+                if let Some(kind) = v
+                    .get(key)
+                    .and_then(|r| r.get("rope_type").or(r.get("type")))
+                {
+                    if kind.as_str() != Some("default") {
+                        return Err(bad(
+                            key,
+                            format!(
+                                "rope type {kind}; only unscaled rotary embeddings are supported"
+                            ),
+                        ));
+                    }
+                }
+            }
+            for key in ["attention_bias", "mlp_bias"] {
+                if v.get(key).and_then(Value::as_bool) == Some(true) {
+                    return Err(bad(
+                        key,
+                        "is true; Llama layers with biases are not supported".into(),
+                    ));
+                }
             }
             if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
                 if act != "silu" {

@@ -132,7 +132,8 @@ fn member(shared: Arc<Shared>, index: usize) {
             }
             std::hint::spin_loop();
             spins += 1;
-            if spins % 1024 == 0 && (start.elapsed() > SPIN || shared.rest.load(Ordering::Relaxed)) {
+            if spins % 1024 == 0 && (start.elapsed() > SPIN || shared.rest.load(Ordering::Relaxed))
+            {
                 let guard = shared.park.lock().unwrap_or_else(|e| e.into_inner());
                 shared.sleepers.fetch_add(1, Ordering::SeqCst);
                 if shared.epoch.load(Ordering::SeqCst) == seen

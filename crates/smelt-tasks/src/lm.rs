@@ -594,7 +594,13 @@ pub struct FewShotReport {
 /// Indices of the `k` shots. Balanced: the labels take turns (as far as each has examples),
 /// each example drawn at random, and the shots are then shuffled; otherwise a plain random
 /// draw, which with few shots often over-represents one label and biases the model towards it.
-fn draw_shots(examples: &[TextExample], labels: &[String], k: usize, balanced: bool, seed: u64) -> Vec<usize> {
+fn draw_shots(
+    examples: &[TextExample],
+    labels: &[String],
+    k: usize,
+    balanced: bool,
+    seed: u64,
+) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut shuffle = |v: &mut Vec<usize>| {
         for i in (1..v.len()).rev() {
@@ -610,7 +616,12 @@ fn draw_shots(examples: &[TextExample], labels: &[String], k: usize, balanced: b
     }
     let mut by_label: Vec<std::collections::VecDeque<usize>> = labels
         .iter()
-        .map(|l| all.iter().copied().filter(|&i| examples[i].label.as_ref() == Some(l)).collect())
+        .map(|l| {
+            all.iter()
+                .copied()
+                .filter(|&i| examples[i].label.as_ref() == Some(l))
+                .collect()
+        })
         .collect();
     let mut out = Vec::with_capacity(k);
     let mut turn = 0;
@@ -775,7 +786,10 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
         predictions.push(predicted);
     }
     let total = rows.len();
-    let predicted_counts = labels.iter().map(|l| predictions.iter().filter(|p| *p == l).count()).collect();
+    let predicted_counts = labels
+        .iter()
+        .map(|l| predictions.iter().filter(|p| *p == l).count())
+        .collect();
     Ok(FewShotReport {
         predicted_counts,
         accuracy: if total == 0 {
@@ -1073,5 +1087,34 @@ mod tests {
             1,
             "penalised token loses"
         );
+    }
+
+    #[test]
+    fn balanced_shots_give_each_label_a_turn() {
+        let ex = |label: &str| TextExample {
+            line: 0,
+            text: "t".into(),
+            text_pair: None,
+            label: Some(label.into()),
+        };
+        let mut examples: Vec<TextExample> = (0..10).map(|_| ex("pos")).collect();
+        examples.extend((0..2).map(|_| ex("neg")));
+        let labels = vec!["neg".to_string(), "pos".to_string()];
+        for seed in 0..20 {
+            let shots = draw_shots(&examples, &labels, 4, true, seed);
+            let neg = shots
+                .iter()
+                .filter(|&&i| examples[i].label.as_deref() == Some("neg"))
+                .count();
+            assert_eq!((shots.len(), neg), (4, 2), "seed {seed}");
+            let mut unique = shots.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), 4);
+        }
+        // Only two negatives exist: six shots take both and fill up with positives.
+        let shots = draw_shots(&examples, &labels, 6, true, 1);
+        assert_eq!(shots.len(), 6);
+        assert_eq!(draw_shots(&examples, &labels, 3, false, 5).len(), 3);
     }
 }

@@ -302,3 +302,62 @@ fn host_path_equals_tensor_path_for_gpt2_layout() {
     }
     assert_eq!(hc.len(), tokens.len());
 }
+
+#[test]
+fn tiny_llama_bf16_matches_reference_and_round_trips_through_export() {
+    let r = json("tiny_llama_reference.json");
+    let model = CausalLm::load_hf(&fixtures().join("tiny-llama"), &Device::flex()).unwrap();
+    assert_eq!(model.config.kv_heads, 2);
+    assert!(!model.config.tie_embeddings);
+    let input = ids(&r["ids"]);
+    let logits_of = |m: &CausalLm| {
+        let mut cache = KvCache::new();
+        let h = m
+            .forward_hidden(&Step::single(&input, 0), &mut cache)
+            .unwrap();
+        let [_, t, d] = h.dims();
+        tensor_to_vec(m.logits(h.reshape([t, d]))).unwrap()
+    };
+    let logits = logits_of(&model);
+    let want: Vec<f32> = r["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect();
+    let err = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-4, "max logit difference {err}");
+
+    // The host path agrees, and an exported directory loads back to the same logits.
+    let host = smelt_models::host_decode::HostModel::new(&model).unwrap();
+    let last = host.forward(&input, &mut host.new_cache()).unwrap();
+    let v = model.config.vocab_size;
+    let tail = &logits[(input.len() - 1) * v..];
+    assert!(last.iter().zip(tail).all(|(a, b)| (a - b).abs() < 1e-4));
+    let tmp = tempfile::tempdir().unwrap();
+    smelt_models::weights::write_safetensors(
+        &tmp.path().join("model.safetensors"),
+        &model.export_hf().unwrap(),
+        None,
+    )
+    .unwrap();
+    let config = smelt_models::causal::hf_config_json(&model.config);
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    let again = CausalLm::load_hf(tmp.path(), &Device::flex()).unwrap();
+    assert_eq!(again.config, model.config);
+    let err = logits_of(&again)
+        .iter()
+        .zip(&logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-6, "round trip changed logits by {err}");
+}
