@@ -1002,7 +1002,16 @@ pub fn hf_config(path: &Path) -> Result<LmConfig> {
                 intermediate: size(&["intermediate_size"], None)?,
                 context: size(&["max_position_embeddings"], None)?,
                 norm_eps: float("rms_norm_eps", 1e-6)?,
-                rope_theta: float("rope_theta", 10000.0)?,
+                // transformers 5 writes `rope_parameters.rope_theta`; older configs `rope_theta`.
+                rope_theta: match v.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
+                    Some(t) => t.as_f64().ok_or_else(|| {
+                        bad(
+                            "rope_parameters.rope_theta",
+                            format!("is {t}, expected a number"),
+                        )
+                    })?,
+                    None => float("rope_theta", 10000.0)?,
+                },
                 tie_embeddings: v
                     .get("tie_word_embeddings")
                     .and_then(Value::as_bool)
