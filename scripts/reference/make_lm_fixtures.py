@@ -127,7 +127,7 @@ def tiny_llama(out):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
+                         max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
