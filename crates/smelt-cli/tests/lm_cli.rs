@@ -152,6 +152,12 @@ fn generate_greedy_streams_and_prints_json() {
         ],
         "--top-p",
     );
+    fails_with(
+        &[
+            "lm", "generate", "--model", m, "--prompt", "x", "--stop", "",
+        ],
+        "--stop is empty",
+    );
 }
 
 #[test]

@@ -99,7 +99,11 @@ impl LmTokenizer {
         let mut map = serde_json::Map::with_capacity(n);
         let mut added = Vec::new();
         for (id, tok) in vocab.tokens.iter().enumerate() {
-            map.insert(tok.clone(), json!(id));
+            if let Some(first) = map.insert(tok.clone(), json!(id)) {
+                return Err(err(format!(
+                    "tokenizer.ggml.tokens has {tok:?} twice (ids {first} and {id})"
+                )));
+            }
             // GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
             let ty = vocab.token_types.as_ref().map(|t| t[id]).unwrap_or(1);
             if ty == 3 || ty == 4 {
@@ -217,10 +221,18 @@ impl LmTokenizer {
         };
         let eos = token("eos_token").or_else(|| inner.token_to_id("<|endoftext|>"));
         let bos = token("bos_token");
+        // BOS is added either by `add_bos_token` in the config or by the tokenizer's own
+        // post-processor (as Llama 3's `TemplateProcessing` does).
+        let adds_bos_itself = match (bos, inner.encode("a", true), inner.encode("a", false)) {
+            (Some(b), Ok(with), Ok(without)) => {
+                with.get_ids().first() == Some(&b) && without.get_ids().first() != Some(&b)
+            }
+            _ => false,
+        };
         let add_bos = config
             .get("add_bos_token")
             .and_then(Value::as_bool)
-            .unwrap_or(false);
+            .unwrap_or(adds_bos_itself);
         let chat_template = config
             .get("chat_template")
             .and_then(Value::as_str)

@@ -406,6 +406,11 @@ impl CausalLm {
         let device = self.device();
         let (b, t) = (step.batch, step.len);
         let past = cache.len;
+        if b == 0 || t == 0 {
+            return Err(ModelError::Unsupported(
+                "a forward pass needs at least one token".into(),
+            ));
+        }
         if step.tokens.len() != b * t || step.positions.len() != b * t {
             return Err(ModelError::Unsupported(
                 "step tokens and positions must be batch × len".into(),
@@ -891,6 +896,19 @@ fn gguf_config(file: &GgufFile) -> Result<LmConfig> {
             Some(_) => file.require(&format!("llama.{key}"), "a number", GgufValue::as_f64),
         }
     };
+    // Llama 3.1-style frequency scaling (a `rope_freqs` tensor) or other rotary scaling
+    // would load and then give wrong logits; refuse it instead.
+    let scaling = file
+        .get("llama.rope.scaling.type")
+        .and_then(GgufValue::as_str);
+    if file.tensor_info("rope_freqs.weight").is_some() || scaling.is_some_and(|s| s != "none") {
+        return Err(ModelError::Unsupported(format!(
+            "{}: scaled rotary embeddings (rope_freqs.weight or llama.rope.scaling.type = {}) \
+             are not supported",
+            file.path().display(),
+            scaling.unwrap_or("-")
+        )));
+    }
     if let Some(dims) = file.get("llama.rope.dimension_count") {
         if dims.as_u64() != Some((hidden / heads) as u64) {
             return Err(ModelError::Unsupported(format!(
@@ -985,7 +1003,7 @@ pub fn hf_config(path: &Path) -> Result<LmConfig> {
             let hidden = size(&["hidden_size"], None)?;
             let heads = size(&["num_attention_heads"], None)?;
             if let Some(hd) = v.get("head_dim").and_then(Value::as_u64) {
-                if hd as usize * heads != hidden {
+                if (hd as usize).checked_mul(heads) != Some(hidden) {
                     return Err(bad(
                         "head_dim",
                         format!("{hd} × {heads} heads is not hidden_size {hidden}"),

@@ -262,7 +262,9 @@ impl<'a> Reader<'a> {
                          file can hold"
                     ));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                // Capacity grows with what is actually read: a value takes more memory than
+                // its encoding, so `count` alone could ask for many times the file's size.
+                let mut items = Vec::with_capacity((count as usize).min(1 << 16));
                 for _ in 0..count {
                     items.push(self.value(elem, what, depth + 1)?);
                 }

@@ -276,7 +276,17 @@ impl HostModel {
             }
             kc.extend_from_slice(&k);
             vc.extend_from_slice(&v);
-            let ctx = attention(&q, kc, vc, t, start, self.heads, self.kv_heads, hd);
+            let ctx = attention(
+                &self.team,
+                &q,
+                kc,
+                vc,
+                t,
+                start,
+                self.heads,
+                self.kv_heads,
+                hd,
+            );
             let o = project(&self.team, &[&b.o], &ctx, t).pop().unwrap();
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             b.mlp_norm.apply(&x, &mut h);
@@ -347,6 +357,7 @@ fn apply_rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) 
 /// (`[start + t][kv_heads × hd]`); query head `h` reads key/value head `h / (heads / kv_heads)`.
 #[allow(clippy::too_many_arguments)]
 fn attention(
+    team: &Team,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -381,6 +392,8 @@ fn attention(
         }
     };
     if t * (start + t) > 4096 {
+        // Long contexts go to rayon's pool; the team must not spin against it.
+        team.rest();
         out.par_chunks_mut(hd).enumerate().for_each(one);
     } else {
         out.chunks_mut(hd).enumerate().for_each(one);

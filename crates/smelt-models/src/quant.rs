@@ -837,6 +837,7 @@ mod kernels {
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 // SAFETY: the CPU supports the features the function is compiled for.
                 return unsafe { dot_row_avx2(ty, w, x) };

@@ -23,6 +23,8 @@ struct Shared {
     epoch: AtomicUsize,
     /// Members (other than the caller) that finished the current job.
     done: AtomicUsize,
+    /// Set when a member's part of the job panicked.
+    failed: AtomicBool,
     /// Members parked on `wake`.
     sleepers: AtomicUsize,
     /// Serialises callers of `run`.
@@ -56,6 +58,7 @@ impl Team {
             epoch: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
             caller: Mutex::new(()),
             job: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -111,9 +114,21 @@ impl Team {
             let _guard = self.shared.park.lock().unwrap_or_else(|e| e.into_inner());
             self.shared.wake.notify_all();
         }
+        // Wait for the members even if the caller's part panics: they hold a pointer to
+        // `job` and to whatever it borrows.
+        struct Wait<'a>(&'a Shared, usize);
+        impl Drop for Wait<'_> {
+            fn drop(&mut self) {
+                while self.0.done.load(Ordering::Acquire) < self.1 - 1 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        let wait = Wait(&self.shared, n);
         job(0, n);
-        while self.shared.done.load(Ordering::Acquire) < n - 1 {
-            std::hint::spin_loop();
+        drop(wait);
+        if self.shared.failed.swap(false, Ordering::AcqRel) {
+            panic!("a team thread panicked while running a job");
         }
     }
 }
@@ -131,7 +146,7 @@ fn member(shared: Arc<Shared>, index: usize) {
                 break;
             }
             std::hint::spin_loop();
-            spins += 1;
+            spins = spins.wrapping_add(1);
             if spins % 1024 == 0 && (start.elapsed() > SPIN || shared.rest.load(Ordering::Relaxed))
             {
                 let guard = shared.park.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,7 +167,11 @@ fn member(shared: Arc<Shared>, index: usize) {
         if let Some(JobPtr(ptr)) = job {
             // SAFETY: `run` keeps the job alive until `done` counts this member.
             let f: &Job = unsafe { &*ptr };
-            f(index, shared.threads);
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(index, shared.threads)));
+            if outcome.is_err() {
+                shared.failed.store(true, Ordering::Release);
+            }
         }
         shared.done.fetch_add(1, Ordering::AcqRel);
     }
@@ -199,6 +218,24 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+
+    #[test]
+    fn a_panicking_member_fails_the_run_and_the_team_goes_on() {
+        let team = Team::new(2);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            team.run(&|i, _| {
+                if i == 1 {
+                    panic!("member fails");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let hits = AtomicUsize::new(0);
+        team.run(&|_, _| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 2);
     }
 
     #[test]

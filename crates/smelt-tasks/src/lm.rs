@@ -100,7 +100,14 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<LmTokenizer> {
     let model = file.require("tokenizer.ggml.model", "a string", |v| {
         v.as_str().map(str::to_string)
     })?;
-    let id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
+    let id = |key: &str| -> Result<Option<u32>> {
+        match file.get(key) {
+            None => Ok(None),
+            Some(_) => Ok(Some(file.require(key, "a token id", |v| {
+                v.as_u64().and_then(|n| u32::try_from(n).ok())
+            })?)),
+        }
+    };
     let vocab = GgufVocab {
         model: &model,
         pre: file.get("tokenizer.ggml.pre").and_then(Value::as_str),
@@ -117,8 +124,8 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<LmTokenizer> {
             None => Vec::new(),
             Some(_) => strings("tokenizer.ggml.merges")?,
         },
-        bos: id("tokenizer.ggml.bos_token_id"),
-        eos: id("tokenizer.ggml.eos_token_id"),
+        bos: id("tokenizer.ggml.bos_token_id")?,
+        eos: id("tokenizer.ggml.eos_token_id")?,
         add_bos: file
             .get("tokenizer.ggml.add_bos_token")
             .and_then(Value::as_bool)
@@ -227,7 +234,7 @@ impl Sampler {
                 }
             }
         }
-        if o.temperature == 0.0 {
+        if o.temperature < 1e-6 {
             return argmax(logits);
         }
         let mut cand: Vec<(u32, f32)> = logits
@@ -411,6 +418,11 @@ fn generate_inner(
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     options.sampling.validate()?;
+    if options.stop.iter().any(String::is_empty) {
+        return Err(TaskError::Invalid(
+            "--stop is empty; give the text to stop before".into(),
+        ));
+    }
     let b = prompts.len();
     if b == 0 {
         return Ok((Vec::new(), GenerateStats::default()));
@@ -525,8 +537,12 @@ fn generate_inner(
             positions: next_pos.clone(),
             key_valid: key_valid(&valid),
         };
-        for p in next_pos.iter_mut() {
-            *p += 1;
+        // Finished rows are fed padding at a frozen position (their keys are masked), so they
+        // never run past the context while other rows continue.
+        for (p, f) in next_pos.iter_mut().zip(&finish) {
+            if f.is_none() {
+                *p += 1;
+            }
         }
         logits = run(&step)?;
     }
@@ -699,10 +715,30 @@ pub fn few_shot(lm: &LanguageModel, o: &FewShotOptions) -> Result<FewShotReport>
     }
     let tok = &lm.tokenizer;
     let prefix_ids = tok.encode(&prefix, true)?;
+    if prefix_ids.is_empty() {
+        return Err(TaskError::Invalid(
+            "the few-shot prompt is empty (no BOS token, no --instruction, --shots 0); give an \
+             --instruction or some shots"
+                .into(),
+        ));
+    }
     let label_ids: Vec<Vec<u32>> = labels
         .iter()
         .map(|l| tok.encode(&format!(" {l}"), false))
         .collect::<std::result::Result<_, _>>()?;
+    for (l, ids) in labels.iter().zip(&label_ids) {
+        if ids.is_empty()
+            || ids
+                .iter()
+                .any(|&t| t as usize >= lm.model.config.vocab_size)
+        {
+            return Err(TaskError::Invalid(format!(
+                "label `{l}` tokenizes to {ids:?}, which the model cannot score (empty, or ids \
+                 beyond its {} rows)",
+                lm.model.config.vocab_size
+            )));
+        }
+    }
     let start = std::time::Instant::now();
     let host = lm.host()?;
     let vocab = lm.model.config.vocab_size;
