@@ -11,6 +11,18 @@ fn gguf() -> PathBuf {
     asset("models/smollm2-135m-instruct-q4_1").join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+fn run_with_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
+    let mut child = smelt()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn fails_with(args: &[&str], needle: &str) {
     let out = run(args);
     let err = stderr(&out);
@@ -163,56 +175,34 @@ fn generate_greedy_streams_and_prints_json() {
 #[test]
 fn generate_reads_stdin_and_chat_works_without_a_terminal() {
     let m = gguf();
-    let mut child = smelt()
-        .args([
-            "lm",
-            "generate",
-            "--model",
-            m.to_str().unwrap(),
-            "--max-new-tokens",
-            "3",
-            "--temperature",
-            "0",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"The capital of France is")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let m = m.to_str().unwrap();
+    let args = [
+        "lm",
+        "generate",
+        "--model",
+        m,
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ];
+    let out = run_with_stdin(&args, b"The capital of France is");
     assert_eq!(String::from_utf8_lossy(&out.stdout), " Paris.\n\n");
 
-    let mut child = smelt()
-        .args([
-            "lm",
-            "chat",
-            "--model",
-            m.to_str().unwrap(),
-            "--system",
-            "You answer in one short sentence.",
-            "--max-new-tokens",
-            "24",
-            "--temperature",
-            "0",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let system = "You answer in one short sentence.";
+    let args = [
+        "lm",
+        "chat",
+        "--model",
+        m,
+        "--system",
+        system,
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0",
+    ];
+    let out = run_with_stdin(&args, b"What is the capital of France?\nAnd of Italy?\n");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

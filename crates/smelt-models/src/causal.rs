@@ -203,39 +203,32 @@ impl Linear {
 
     /// `[..., d_in]` to `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match (&self.weight, &self.quant) {
-            (Some(w), _) => {
+        match &self.weight {
+            Some(w) => {
                 burn::tensor::module::linear(x, w.val(), self.bias.as_ref().map(|b| b.val()))
             }
-            (None, Some(q)) => {
-                let dims = x.dims();
-                let device = x.device();
-                let n: usize = dims[..D - 1].iter().product();
-                let host = x
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .expect("f32 activations");
-                let y = q.matmul(&host, n);
-                let mut out_dims = dims;
-                out_dims[D - 1] = self.d_out;
-                let y: Tensor<D> = Tensor::from_data(TensorData::new(y, out_dims), &device);
-                match &self.bias {
-                    Some(b) => y + b.val().unsqueeze(),
-                    None => y,
-                }
-            }
-            (None, None) => unreachable!("a Linear holds a matrix"),
+            None => Self::quantized(&[self], x)
+                .pop()
+                .expect("one output per layer"),
         }
     }
 
     /// Several layers applied to the same input. Quantized layers on the CPU are computed in
     /// one parallel pass (one activation readback, one 8-bit quantization of it).
     pub fn forward_group<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
-        let quant: Option<Vec<&QMatrix>> = layers.iter().map(|l| l.quant.as_deref()).collect();
-        let Some(quant) = quant.filter(|_| layers.len() > 1) else {
-            return layers.iter().map(|l| l.forward(x.clone())).collect();
-        };
+        if layers.iter().all(|l| l.weight.is_none()) {
+            Self::quantized(layers, x)
+        } else {
+            layers.iter().map(|l| l.forward(x.clone())).collect()
+        }
+    }
+
+    /// Quantized layers (all with `weight == None`) applied to `x` on the host.
+    fn quantized<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
+        let quant: Vec<&QMatrix> = layers
+            .iter()
+            .map(|l| l.quant.as_deref().expect("a Linear holds a matrix"))
+            .collect();
         let dims = x.dims();
         let device = x.device();
         let n: usize = dims[..D - 1].iter().product();

@@ -21,6 +21,26 @@ fn json(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A JSON list of rows of numbers, flattened.
+fn matrix(v: &Value) -> Vec<f32> {
+    let rows = v.as_array().unwrap().iter();
+    rows.flat_map(|r| {
+        r.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+    })
+    .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -225,22 +245,8 @@ fn tiny_gpt2_matches_reference() {
         .unwrap();
     let [_, t, d] = h.dims();
     let logits = tensor_to_vec(model.logits(h.reshape([t, d]))).unwrap();
-    let want: Vec<f32> = r["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
-        .collect();
-    let err = logits
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let want = matrix(&r["logits"]);
+    let err = max_diff(&logits, &want);
     assert!(err < 1e-4, "max logit difference {err}");
 
     // Greedy continuation with the KV cache, token by token.
@@ -319,22 +325,8 @@ fn tiny_llama_bf16_matches_reference_and_round_trips_through_export() {
         tensor_to_vec(m.logits(h.reshape([t, d]))).unwrap()
     };
     let logits = logits_of(&model);
-    let want: Vec<f32> = r["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
-        .collect();
-    let err = logits
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let want = matrix(&r["logits"]);
+    let err = max_diff(&logits, &want);
     assert!(err < 1e-4, "max logit difference {err}");
 
     // The host path agrees, and an exported directory loads back to the same logits.
