@@ -369,6 +369,10 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: std::sync::Arc<Vec<u8>>,
+    /// The f16 scales of every block as f32 (`d` and, for Q4_1, `m`), made on first use by
+    /// the four-row kernels: reading them costs fewer instructions than converting them in
+    /// every block, and the kernels are limited by instructions, not memory.
+    scales: std::sync::Arc<std::sync::OnceLock<Vec<f32>>>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -395,7 +399,26 @@ impl QMatrix {
             rows,
             cols,
             data: std::sync::Arc::new(data),
+            scales: Default::default(),
         })
+    }
+
+    /// Per-block f32 scales (see `scales`): `[d, m]` per block for Q4_1, `[d]` for Q8_0.
+    fn block_scales(&self) -> Option<&[f32]> {
+        let fields: &[usize] = match self.ty {
+            GgmlType::Q4_1 => &[0, 2],
+            GgmlType::Q8_0 => &[0],
+            _ => return None,
+        };
+        let s = self.scales.get_or_init(|| {
+            let ts = self.ty.type_size();
+            let mut out = Vec::with_capacity(self.data.len() / ts * fields.len());
+            for b in self.data.chunks_exact(ts) {
+                out.extend(fields.iter().map(|&at| half(b, at)));
+            }
+            out
+        });
+        Some(s)
     }
 
     fn row_bytes(&self) -> usize {
@@ -433,6 +456,7 @@ impl QMatrix {
             rows: order.len(),
             cols: self.cols,
             data: std::sync::Arc::new(data),
+            scales: Default::default(),
         }
     }
 
@@ -729,7 +753,10 @@ pub fn matvec_team(team: &crate::team::Team, ms: &[&QMatrix], x: &[f32]) -> Vec<
             // Four rows of the same matrix at once where a four-row kernel applies.
             if acts.is_none() && g + 4 <= end.min(offsets[mi + 1]) {
                 let rows = [m.row(r), m.row(r + 1), m.row(r + 2), m.row(r + 3)];
-                if let Some(v) = kernels::dot_rows4(m.ty, rows, x) {
+                let per_row = m.block_scales().map(|s| (s, s.len() / m.rows));
+                let scales =
+                    per_row.map(|(s, n)| [0, 1, 2, 3].map(|k| &s[(r + k) * n..(r + k + 1) * n]));
+                if let Some(v) = scales.and_then(|s| kernels::dot_rows4(m.ty, rows, s, x)) {
                     for (k, val) in v.into_iter().enumerate() {
                         // SAFETY: as below; rows r..r+4 lie in this chunk.
                         unsafe { *ptrs[mi].0.add(r + k) = val };
@@ -812,21 +839,22 @@ mod kernels {
     /// this CPU: `x` is loaded once per block for all four, and four independent accumulator
     /// chains keep the FMA units busy.
     #[inline]
-    pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], x: &[f32]) -> Option<[f32; 4]> {
+    /// `s` holds each row's per-block f32 scales.
+    pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], s: [&[f32]; 4], x: &[f32]) -> Option<[f32; 4]> {
         #[cfg(target_arch = "x86_64")]
         {
             if avx512::available() {
                 // SAFETY: `available` checked the features the kernels are compiled for.
                 return unsafe {
                     match ty {
-                        GgmlType::Q4_1 => Some(avx512::q4_1_x4(w, x)),
-                        GgmlType::Q8_0 => Some(avx512::q8_0_x4(w, x)),
+                        GgmlType::Q4_1 => Some(avx512::q4_1_x4(w, s, x)),
+                        GgmlType::Q8_0 => Some(avx512::q8_0_x4(w, s, x)),
                         _ => None,
                     }
                 };
             }
         }
-        let _ = (ty, w, x);
+        let _ = (ty, w, s, x);
         None
     }
 
@@ -913,7 +941,7 @@ mod kernels {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
-        pub unsafe fn q4_1_x4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+        pub unsafe fn q4_1_x4(w: [&[u8]; 4], sc: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
             let blocks = x.len() / 32;
             let mask = _mm_set1_epi8(0x0f);
             let mut acc = [_mm512_setzero_ps(); 4];
@@ -925,8 +953,8 @@ mod kernels {
                 let sx = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
                 for r in 0..4 {
                     let blk = w[r].as_ptr().add(20 * b);
-                    let d = f16_ptr(blk);
-                    let m = f16_ptr(blk.add(2));
+                    let d = *sc[r].get_unchecked(2 * b);
+                    let m = *sc[r].get_unchecked(2 * b + 1);
                     let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
                     let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
                     let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
@@ -947,7 +975,7 @@ mod kernels {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
-        pub unsafe fn q8_0_x4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+        pub unsafe fn q8_0_x4(w: [&[u8]; 4], sc: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
             let blocks = x.len() / 32;
             let mut acc = [_mm512_setzero_ps(); 4];
             for b in 0..blocks {
@@ -956,7 +984,7 @@ mod kernels {
                 let x1 = _mm512_loadu_ps(xp.add(16));
                 for r in 0..4 {
                     let blk = w[r].as_ptr().add(34 * b);
-                    let d = f16_ptr(blk);
+                    let d = *sc[r].get_unchecked(b);
                     let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
                     let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
                     let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
@@ -971,12 +999,6 @@ mod kernels {
                 _mm512_reduce_add_ps(acc[2]),
                 _mm512_reduce_add_ps(acc[3]),
             ]
-        }
-
-        #[inline(always)]
-        unsafe fn f16_ptr(p: *const u8) -> f32 {
-            let bits = u16::from_le_bytes([*p, *p.add(1)]);
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
         }
 
         #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
