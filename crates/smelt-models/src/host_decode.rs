@@ -312,9 +312,9 @@ impl HostModel {
         let last = &x[(t - 1) * d..];
         let mut normed = vec![0f32; d];
         self.final_norm.apply(last, &mut normed);
-        Ok(matmul_group(&[self.head.as_ref()], &normed, 1)
+        Ok(matvec_team(&self.team, &[self.head.as_ref()], &normed)
             .pop()
-            .unwrap())
+            .unwrap_or_default())
     }
 
     fn rope_table(&self, start: usize, t: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
