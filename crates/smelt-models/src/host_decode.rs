@@ -391,7 +391,19 @@ fn attention(
             o.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);
         }
     };
-    if t * (start + t) > 4096 {
+    if t == 1 && team.threads() > 1 && start >= 16 {
+        // One new token: its heads are shared out to the decoding team.
+        let ptr = SendPtr(out.as_mut_ptr());
+        let ptr = &ptr;
+        team.run(&|i, n| {
+            for h in crate::team::share(heads, i, n) {
+                // SAFETY: each head's `hd` outputs belong to one member, and `out` outlives
+                // the run.
+                let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(h * hd), hd) };
+                one((h, o));
+            }
+        });
+    } else if t * (start + t) > 4096 {
         // Long contexts go to rayon's pool; the team must not spin against it.
         team.rest();
         out.par_chunks_mut(hd).enumerate().for_each(one);
@@ -400,6 +412,10 @@ fn attention(
     }
     out
 }
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint parts of one buffer to the team's members.
+unsafe impl Sync for SendPtr {}
 
 /// A dot product in eight independent lanes, so that it vectorises.
 #[inline]

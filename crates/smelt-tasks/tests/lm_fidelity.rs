@@ -288,11 +288,12 @@ fn gpt2_tokenizer_matches_reference() {
 fn host_path_equals_tensor_path_for_gpt2_layout() {
     let model = CausalLm::load_hf(&fixtures().join("tiny-gpt2"), &Device::flex()).unwrap();
     let host = smelt_models::host_decode::HostModel::new(&model).unwrap();
-    let tokens = [5u32, 17, 200, 3, 99, 383, 0, 42];
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 97 + 5) % 384).collect();
     let mut hc = host.new_cache();
     let mut tc = KvCache::new();
-    // A prompt of six, then two single steps.
-    let chunks: [&[u32]; 3] = [&tokens[..6], &tokens[6..7], &tokens[7..]];
+    // A prompt of six, then single steps (past 16 positions the team shares the heads).
+    let mut chunks: Vec<&[u32]> = vec![&tokens[..6]];
+    chunks.extend(tokens[6..].chunks(1));
     let mut start = 0;
     for c in chunks {
         let a = host.forward(c, &mut hc).unwrap();
