@@ -85,7 +85,10 @@ fn damaged_checkpoints_are_refused_with_the_reason() {
     );
     // Heads that do not divide the width.
     std::fs::write(pickle.join("config.json"), r#"{"model_type":"gpt2","n_embd":10,"n_layer":1,"n_head":3,"n_positions":8,"vocab_size":10}"#).unwrap();
-    fails_with(&["inspect", pickle.to_str().unwrap()], "do not divide");
+    fails_with(
+        &["inspect", pickle.to_str().unwrap()],
+        "field `n_head`: 3 heads do not divide",
+    );
 }
 
 #[test]

@@ -926,8 +926,56 @@ fn gguf_config(file: &GgufFile) -> Result<LmConfig> {
         rope_theta: float("rope.freq_base", 10000.0)?,
         tie_embeddings: file.tensor_info("output.weight").is_none(),
     };
-    config.validate(file.path())?;
+    config
+        .validate(file.path())
+        .map_err(|e| rename_field(e, GGUF_KEYS))?;
     Ok(config)
+}
+
+/// Where the fields that `LmConfig::validate` names come from in a GGUF file.
+const GGUF_KEYS: &[(&str, &str)] = &[
+    ("vocab_size", "llama.vocab_size"),
+    ("hidden_size", "llama.embedding_length"),
+    ("num_hidden_layers", "llama.block_count"),
+    ("num_attention_heads", "llama.attention.head_count"),
+    ("num_key_value_heads", "llama.attention.head_count_kv"),
+    ("intermediate_size", "llama.feed_forward_length"),
+    ("max_position_embeddings", "llama.context_length"),
+    ("rms_norm_eps", "llama.attention.layer_norm_rms_epsilon"),
+    ("rope_theta", "llama.rope.freq_base"),
+];
+
+/// The same for a GPT-2 `config.json`.
+const GPT2_KEYS: &[(&str, &str)] = &[
+    ("hidden_size", "n_embd"),
+    ("num_hidden_layers", "n_layer"),
+    ("num_attention_heads", "n_head"),
+    ("intermediate_size", "n_inner"),
+    ("max_position_embeddings", "n_positions"),
+    ("rms_norm_eps", "layer_norm_epsilon"),
+];
+
+/// Renames the field of a config error to the key the file really uses.
+fn rename_field(e: ModelError, names: &[(&str, &str)]) -> ModelError {
+    match e {
+        ModelError::Config {
+            path,
+            field,
+            message,
+        } => {
+            let field = names
+                .iter()
+                .find(|(from, _)| *from == field)
+                .map(|(_, to)| to.to_string())
+                .unwrap_or(field);
+            ModelError::Config {
+                path,
+                field,
+                message,
+            }
+        }
+        other => other,
+    }
 }
 
 /// Reads `config.json` of a Llama or GPT-2 checkpoint.
@@ -1064,7 +1112,12 @@ pub fn hf_config(path: &Path) -> Result<LmConfig> {
             ))
         }
     };
-    config.validate(path)?;
+    let names = if config.arch == Arch::Gpt2 {
+        GPT2_KEYS
+    } else {
+        &[]
+    };
+    config.validate(path).map_err(|e| rename_field(e, names))?;
     Ok(config)
 }
 
