@@ -32,8 +32,8 @@ pub struct ModelArgs {
     /// A tokenizer.json (or directory) to use instead of the model's own.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Quantize activations to 8 bits for the quantized kernels, as llama.cpp does: faster,
-    /// but no longer equal to multiplying by the dequantized weights in f32.
+    /// Quantize activations to 8 bits for the quantized kernels (integer dot products, as
+    /// llama.cpp does); results no longer equal multiplying by the dequantized weights in f32.
     #[arg(long)]
     q8_activations: bool,
 }
@@ -146,14 +146,19 @@ pub struct FewShotArgs {
     /// Labelled data to classify and score.
     #[arg(long)]
     data: PathBuf,
+    /// Column holding the text (in both files).
     #[arg(long, default_value = "text")]
     text_column: String,
+    /// Column holding the label (in both files).
     #[arg(long, default_value = "label")]
     label_column: String,
+    /// File format; guessed from the extension (.csv, .tsv, .jsonl) when omitted.
     #[arg(long, value_parser = parse_format)]
     format: Option<Format>,
+    /// Text encoding of the files (a WHATWG label); UTF-8 when omitted.
     #[arg(long)]
     encoding: Option<String>,
+    /// The CSV/TSV files have no header row; name columns by position, from 1.
     #[arg(long)]
     no_header: bool,
     /// Seed for drawing the shots.
