@@ -585,15 +585,6 @@ impl CausalLm {
         counts.into_iter().collect()
     }
 
-    /// Loads a GGUF file or a Hugging Face directory (`config.json` + `model.safetensors`).
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        if path.is_dir() {
-            Self::load_hf(path, device)
-        } else {
-            Self::load_gguf(&GgufFile::open(path)?, device)
-        }
-    }
-
     /// Loads the decoder of a GGUF file.
     pub fn load_gguf(file: &GgufFile, device: &Device) -> Result<Self> {
         let config = gguf_config(file)?;
@@ -849,7 +840,8 @@ fn unpermute_order(heads: usize, head_dim: usize) -> Vec<usize> {
     order
 }
 
-fn gguf_config(file: &GgufFile) -> Result<LmConfig> {
+/// The decoder configuration described by a GGUF file's `llama.*` metadata, validated.
+pub fn gguf_config(file: &GgufFile) -> Result<LmConfig> {
     let arch = file.require("general.architecture", "a string", |v| {
         v.as_str().map(str::to_string)
     })?;

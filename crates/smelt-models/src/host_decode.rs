@@ -314,7 +314,7 @@ impl HostModel {
         self.final_norm.apply(last, &mut normed);
         Ok(matvec_team(&self.team, &[self.head.as_ref()], &normed)
             .pop()
-            .unwrap_or_default())
+            .expect("one output per matrix"))
     }
 
     fn rope_table(&self, start: usize, t: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {

@@ -246,10 +246,14 @@ impl Sampler {
         if cand.is_empty() {
             return argmax(logits);
         }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if o.top_k > 0 && cand.len() > o.top_k {
+            // Partition out the k best first: sorting the whole vocabulary every token costs
+            // more than the rest of sampling.
+            cand.select_nth_unstable_by(o.top_k - 1, order);
             cand.truncate(o.top_k);
         }
+        cand.sort_unstable_by(order);
         let max = cand[0].1;
         let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
         let total: f32 = probs.iter().sum();
@@ -1015,8 +1019,9 @@ pub fn inspect(path: &Path) -> Result<String> {
     }
     let file = GgufFile::open(path)?;
     writeln!(s, "{}: GGUF version {}", path.display(), file.version).ok();
-    match CausalLm::load_gguf(&file, &smelt_models::device::Device::flex()) {
-        Ok(m) => describe_config(&mut s, &m.config),
+    // The metadata is enough to describe the model; its weights need not be loaded.
+    match smelt_models::causal::gguf_config(&file) {
+        Ok(c) => describe_config(&mut s, &c),
         Err(ModelError::Unsupported(e)) => {
             writeln!(s, "architecture: not loadable by smelt ({e})").ok();
         }
