@@ -474,36 +474,38 @@ impl QMatrix {
     /// gradient of [`QMatrix::matmul`] with respect to its input.
     pub fn matmul_transposed(&self, g: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(g.len(), n * self.rows, "gradient size must be n × rows");
-        let cols = self.cols;
-        // Split the output columns across threads by splitting the weight's column blocks is
-        // awkward for K-quants; split the rows of W instead and sum per-thread partials.
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = self.rows.div_ceil(threads).max(1);
-        let partials: Vec<Vec<f32>> = (0..self.rows)
-            .step_by(chunk)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|start| {
-                let end = (start + chunk).min(self.rows);
-                let mut acc = vec![0f32; n * cols];
-                let mut row = vec![0f32; cols];
-                for r in start..end {
-                    self.dequantize_row(r, &mut row);
-                    for i in 0..n {
-                        let gi = g[i * self.rows + r];
-                        if gi != 0.0 {
-                            axpy(gi, &row, &mut acc[i * cols..(i + 1) * cols]);
-                        }
-                    }
-                }
-                acc
-            })
-            .collect();
+        let (rows, cols) = (self.rows, self.cols);
+        // The dequantized matrix lives only for this product (training steps are dominated
+        // by the GEMM, and decoding a matrix once per step is cheap next to it).
+        let mut w = vec![0f32; rows * cols];
+        w.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| self.dequantize_row(r, row));
         let mut out = vec![0f32; n * cols];
-        for p in partials {
-            for (o, v) in out.iter_mut().zip(p) {
-                *o += v;
-            }
+        // SAFETY: `out` is n × cols, `g` is n × rows and `w` is rows × cols, all row-major
+        // and alive for the call.
+        unsafe {
+            gemm::gemm(
+                n,
+                cols,
+                rows,
+                out.as_mut_ptr(),
+                1,
+                cols as isize,
+                false,
+                g.as_ptr(),
+                1,
+                rows as isize,
+                w.as_ptr(),
+                1,
+                cols as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
         }
         out
     }
@@ -787,12 +789,6 @@ const TILE_ROWS: usize = 64;
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
-
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
 
 /// Row-times-vector kernels, compiled once per instruction set and chosen at run time.
 mod kernels {
