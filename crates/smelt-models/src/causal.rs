@@ -150,6 +150,40 @@ pub struct Linear {
     pub d_in: usize,
     #[module(skip)]
     pub d_out: usize,
+    /// A trainable low-rank adapter added to the product.
+    pub lora: Option<Lora>,
+}
+
+/// A low-rank adapter (LoRA): `y += dropout(x) · A · B · scale`, as in PEFT.
+#[derive(Module, Debug)]
+pub struct Lora {
+    /// `[d_in, rank]`; PEFT's `lora_A.weight` is its transpose.
+    pub a: Param<Tensor<2>>,
+    /// `[rank, d_out]`; PEFT's `lora_B.weight` is its transpose.
+    pub b: Param<Tensor<2>>,
+    pub dropout: crate::dropout::Dropout,
+    /// `alpha / rank`.
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl Lora {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let x = self.dropout.forward(x);
+        let low = burn::tensor::module::linear(x, self.a.val(), None);
+        burn::tensor::module::linear(low, self.b.val(), None) * self.scale
+    }
+
+    /// `scale · (A · B)ᵀ` as row-major `[d_out, d_in]`: what merging adds to the weight.
+    pub fn delta_out_in(&self) -> Result<Vec<f32>> {
+        let ab = self.a.val().matmul(self.b.val()) * self.scale;
+        let [d_in, d_out] = ab.dims();
+        Ok(transpose(&tensor_to_vec(ab)?, d_in, d_out))
+    }
 }
 
 impl Linear {
@@ -182,6 +216,7 @@ impl Linear {
             bias: bias.map(|b| Param::from_tensor(tensor_from_vec(b, [d_out], device))),
             d_in,
             d_out,
+            lora: None,
         }
     }
 
@@ -198,57 +233,81 @@ impl Linear {
             bias: bias.map(|b| Param::from_tensor(tensor_from_vec(b, [d_out], device))),
             d_in,
             d_out,
+            lora: None,
         }
     }
 
     /// `[..., d_in]` to `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match &self.weight {
-            Some(w) => {
-                burn::tensor::module::linear(x, w.val(), self.bias.as_ref().map(|b| b.val()))
-            }
-            None => Self::quantized(&[self], x)
+        let y = match &self.weight {
+            Some(w) => burn::tensor::module::linear(
+                x.clone(),
+                w.val(),
+                self.bias.as_ref().map(|b| b.val()),
+            ),
+            None => Self::quantized(&[self], x.clone())
                 .pop()
                 .expect("one output per layer"),
+        };
+        match &self.lora {
+            Some(lora) => y + lora.forward(x),
+            None => y,
         }
     }
 
     /// Several layers applied to the same input. Quantized layers on the CPU are computed in
     /// one parallel pass (one activation readback, one 8-bit quantization of it).
     pub fn forward_group<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
-        if layers.iter().all(|l| l.weight.is_none()) {
+        if layers
+            .iter()
+            .all(|l| l.weight.is_none() && l.lora.is_none())
+        {
             Self::quantized(layers, x)
         } else {
             layers.iter().map(|l| l.forward(x.clone())).collect()
         }
     }
 
-    /// Quantized layers (all with `weight == None`) applied to `x` on the host.
+    /// Quantized layers (all with `weight == None`) applied to `x`: on the host, or, when `x`
+    /// is tracked for gradients, through the differentiable quantized product.
     fn quantized<const D: usize>(layers: &[&Linear], x: Tensor<D>) -> Vec<Tensor<D>> {
-        let quant: Vec<&QMatrix> = layers
+        let quant: Vec<&Arc<QMatrix>> = layers
             .iter()
-            .map(|l| l.quant.as_deref().expect("a Linear holds a matrix"))
+            .map(|l| l.quant.as_ref().expect("a Linear holds a matrix"))
             .collect();
         let dims = x.dims();
         let device = x.device();
         let n: usize = dims[..D - 1].iter().product();
+        let with_bias = |l: &Linear, y: Tensor<D>| match &l.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        };
+        if x.is_tracked() {
+            let x2: Tensor<2> = x.reshape([n, dims[D - 1]]);
+            return layers
+                .iter()
+                .zip(quant)
+                .map(|(l, q)| {
+                    let mut out_dims = dims;
+                    out_dims[D - 1] = l.d_out;
+                    with_bias(l, crate::qop::quant_linear(x2.clone(), q).reshape(out_dims))
+                })
+                .collect();
+        }
         let host = x
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
             .expect("f32 activations");
-        let outs = crate::quant::matmul_group(&quant, &host, n);
+        let plain: Vec<&QMatrix> = quant.iter().map(|q| q.as_ref()).collect();
+        let outs = crate::quant::matmul_group(&plain, &host, n);
         layers
             .iter()
             .zip(outs)
             .map(|(l, y)| {
                 let mut out_dims = dims;
                 out_dims[D - 1] = l.d_out;
-                let y: Tensor<D> = Tensor::from_data(TensorData::new(y, out_dims), &device);
-                match &l.bias {
-                    Some(b) => y + b.val().unsqueeze(),
-                    None => y,
-                }
+                with_bias(l, Tensor::from_data(TensorData::new(y, out_dims), &device))
             })
             .collect()
     }
@@ -277,7 +336,7 @@ impl Linear {
 
 /// Whether `device` is the CPU (burn's flex backend), where quantized kernels run.
 pub fn is_cpu(device: &Device) -> bool {
-    *device == Device::flex()
+    device.clone().without_autodiff() == Device::flex()
 }
 
 /// RMSNorm (Llama) or LayerNorm (GPT-2) over the last dimension.
@@ -511,6 +570,10 @@ impl CausalLm {
                 // The embedding table is `[vocab, hidden]` stored as a `[d_in=vocab, d_out=hidden]`
                 // matrix, so the tied projection multiplies by its transpose.
                 Some(w) => hidden.matmul(w.val().transpose()),
+                None if hidden.is_tracked() => crate::qop::quant_linear(
+                    hidden,
+                    self.embed.quant.as_ref().expect("embedding matrix"),
+                ),
                 None => {
                     let q = self.embed.quant.as_ref().expect("embedding matrix");
                     let [n, _] = hidden.dims();
@@ -807,6 +870,7 @@ impl Linear {
             bias: None,
             d_in: hidden,
             d_out: vocab,
+            lora: None,
         }
     }
 
@@ -822,6 +886,7 @@ impl Linear {
             bias: None,
             d_in: vocab,
             d_out: hidden,
+            lora: None,
         }
     }
 }

@@ -65,6 +65,11 @@ struct HostLinear {
 
 impl HostLinear {
     fn new(l: &Linear) -> Result<Self> {
+        if l.lora.is_some() {
+            return Err(crate::ModelError::Unsupported(
+                "the host decoder runs merged weights; merge the adapter first".into(),
+            ));
+        }
         let m = match &l.quant {
             Some(q) => q.clone(),
             None => Arc::new(f32_matrix(l.weight_out_in()?, l.d_out, l.d_in)),

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod host_decode;
 pub mod init;
 pub mod layers;
+pub mod lora;
 pub mod qop;
 pub mod quant;
 pub mod team;
