@@ -3,8 +3,10 @@
 
 pub mod assets;
 pub mod batch;
+pub mod bpe_train;
 pub mod error;
 pub mod examples;
+pub mod lm_data;
 pub mod lm_tokenizer;
 pub mod table;
 pub mod tokenize;
