@@ -21,6 +21,11 @@ pub enum LmCommand {
     Classify(FewShotArgs),
     /// Perplexity of a text file, with a sliding window.
     Eval(EvalArgs),
+    /// Fine-tune on prompt/completion pairs or chats (full or LoRA), or train a GPT-2 style
+    /// model from scratch on text files.
+    Train(Box<crate::lm_train_cmd::LmTrainArgs>),
+    /// Fold a LoRA adapter into its base model; write a Hugging Face directory or a GGUF file.
+    Merge(crate::lm_train_cmd::MergeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -36,13 +41,21 @@ pub struct ModelArgs {
     /// llama.cpp does); results no longer equal multiplying by the dequantized weights in f32.
     #[arg(long)]
     q8_activations: bool,
+    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to
+    /// apply to the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
     fn load(&self, device: &Device) -> Result<LanguageModel> {
         smelt_models::quant::set_exact_activations(!self.q8_activations);
         let t = std::time::Instant::now();
-        let lm = LanguageModel::load(&self.model, self.tokenizer.as_deref(), device)?;
+        let mut lm = LanguageModel::load(&self.model, self.tokenizer.as_deref(), device)?;
+        if let Some(adapter) = &self.adapter {
+            lm = lm.with_adapter(adapter)?;
+            tracing::info!("applied adapter {}", adapter.display());
+        }
         tracing::info!(
             "loaded {} ({} layers, hidden {}) in {:.2} s",
             self.model.display(),
@@ -210,6 +223,8 @@ pub fn run(cmd: LmCommand, device: &Device) -> Result<()> {
         LmCommand::Generate(a) => generate(a, device),
         LmCommand::Chat(a) => chat(a, device),
         LmCommand::Classify(a) => few_shot(a, device),
+        LmCommand::Train(a) => crate::lm_train_cmd::train(*a, device),
+        LmCommand::Merge(a) => crate::lm_train_cmd::merge(a),
         LmCommand::Eval(a) => {
             let lm = a.model.load(device)?;
             let report = lm::perplexity(

@@ -13,6 +13,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 mod lm_cmd;
+mod lm_train_cmd;
 
 // Tensors are large and short-lived; mimalloc keeps freed pages for reuse instead of handing
 // them back to the kernel and faulting them in again on the next step.
@@ -52,6 +53,12 @@ enum Command {
     /// Causal language models (GGUF or Hugging Face): generate, chat, few-shot, perplexity.
     #[command(subcommand)]
     Lm(lm_cmd::LmCommand),
+    /// Tokenizers: train a byte-level BPE vocabulary.
+    #[command(subcommand)]
+    Tokenizer(lm_train_cmd::TokenizerCommand),
+    /// Data preparation: the chatterbot corpus as chat conversations.
+    #[command(subcommand)]
+    Data(lm_train_cmd::DataCommand),
     /// Print architecture, sizes, tensor types and metadata of a checkpoint.
     Inspect {
         /// A GGUF file or a Hugging Face directory.
@@ -259,6 +266,8 @@ fn run(cli: Cli) -> Result<()> {
             lm_cmd::run(cmd, &device)
         }
         Command::Inspect { path } => lm_cmd::inspect(&path),
+        Command::Tokenizer(cmd) => lm_train_cmd::tokenizer(cmd),
+        Command::Data(cmd) => lm_train_cmd::data(cmd),
     }
 }
 

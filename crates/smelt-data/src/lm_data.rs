@@ -268,9 +268,17 @@ pub fn text_blocks(
     Ok((out, total))
 }
 
+/// Exchanges read from one chatterbot file.
+pub struct ChatterbotFile {
+    pub pairs: Vec<(String, String)>,
+    /// 1-based numbers of conversations that are not lists of turns (skipped).
+    pub skipped: Vec<usize>,
+}
+
 /// Conversations of the chatterbot corpus (`categories`, `conversations`: lists of turns) as
-/// user/assistant exchanges: each turn after the first answers the turn before it.
-pub fn chatterbot_pairs(path: &Path) -> Result<Vec<(String, String)>> {
+/// user/assistant exchanges: each turn after the first answers the turn before it. An entry
+/// that is not a list of turns is skipped and reported.
+pub fn chatterbot_pairs(path: &Path) -> Result<ChatterbotFile> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
     let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| DataError::Line {
         path: path.to_path_buf(),
@@ -285,14 +293,12 @@ pub fn chatterbot_pairs(path: &Path) -> Result<Vec<(String, String)>> {
             path.display()
         )))?;
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for (i, conv) in conversations.iter().enumerate() {
-        let turns = conv.as_sequence().ok_or_else(|| {
-            DataError::Invalid(format!(
-                "{}: conversation {} is not a list of turns",
-                path.display(),
-                i + 1
-            ))
-        })?;
+        let Some(turns) = conv.as_sequence() else {
+            skipped.push(i + 1);
+            continue;
+        };
         let texts: Vec<String> = turns
             .iter()
             .map(|t| match t {
@@ -308,7 +314,10 @@ pub fn chatterbot_pairs(path: &Path) -> Result<Vec<(String, String)>> {
             }
         }
     }
-    Ok(out)
+    Ok(ChatterbotFile {
+        pairs: out,
+        skipped,
+    })
 }
 
 #[cfg(test)]
@@ -356,6 +365,28 @@ mod tests {
             let e = read_lm_jsonl(f.path()).unwrap_err().to_string();
             assert!(e.contains(expect), "{text:?}: {e}");
         }
+        let f = file("\n\n");
+        assert!(matches!(read_lm_jsonl(f.path()), Err(DataError::Empty { .. })));
+    }
+
+    #[test]
+    fn chatterbot_conversations_become_exchanges() {
+        let mut f = tempfile::Builder::new().suffix(".yml").tempfile().unwrap();
+        f.write_all(
+            b"categories:\n- x\nconversations:\n- - Hello\n  - Hi there\n  - How are you?\n\
+              - not a list - 'oops'\n- - |\n    multi\n    line\n  - 42\n",
+        )
+        .unwrap();
+        let r = chatterbot_pairs(f.path()).unwrap();
+        assert_eq!(
+            r.pairs,
+            vec![
+                ("Hello".to_string(), "Hi there".to_string()),
+                ("Hi there".to_string(), "How are you?".to_string()),
+                ("multi\nline".to_string(), "42".to_string()),
+            ]
+        );
+        assert_eq!(r.skipped, vec![2]);
         let f = file("\n\n");
         assert!(matches!(read_lm_jsonl(f.path()), Err(DataError::Empty { .. })));
     }

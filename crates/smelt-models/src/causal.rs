@@ -629,6 +629,35 @@ impl CausalLm {
         }
     }
 
+    /// The same model with every quantized matrix decoded to trainable f32 weights.
+    pub fn to_dense(mut self) -> Result<Self> {
+        let device = self.device();
+        let dense = |l: &mut Linear| -> Result<()> {
+            if l.weight.is_none() {
+                let w = l.weight_out_in()?;
+                let bias = l.bias_values()?;
+                *l = Linear::dense(&w, bias, l.d_in, l.d_out, &device);
+            }
+            Ok(())
+        };
+        if self.embed.weight.is_none() {
+            let table = self.embed.weight_out_in_table()?;
+            self.embed = Linear::table(table, self.config.vocab_size, self.config.hidden, &device);
+        }
+        for b in self.blocks.iter_mut() {
+            for l in [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.up, &mut b.down] {
+                dense(l)?;
+            }
+            if let Some(g) = b.gate.as_mut() {
+                dense(g)?;
+            }
+        }
+        if let Some(h) = self.lm_head.as_mut() {
+            dense(h)?;
+        }
+        Ok(self)
+    }
+
     /// Tensor types and counts, for `smelt inspect`.
     pub fn storage_summary(&self) -> Vec<(String, usize)> {
         let mut counts = std::collections::BTreeMap::new();
@@ -892,7 +921,7 @@ impl Linear {
 }
 
 /// Row order that turns GGUF's pair-permuted Q/K rows back into the Hugging Face order.
-fn unpermute_order(heads: usize, head_dim: usize) -> Vec<usize> {
+pub fn unpermute_order(heads: usize, head_dim: usize) -> Vec<usize> {
     let half = head_dim / 2;
     let mut order = vec![0; heads * head_dim];
     for h in 0..heads {

@@ -3,6 +3,7 @@
 pub mod classify;
 pub mod error;
 pub mod lm;
+pub mod lm_train;
 pub mod model_dir;
 
 pub use error::{Result, TaskError};

@@ -69,6 +69,17 @@ impl LanguageModel {
         })
     }
 
+    /// Applies a PEFT LoRA adapter directory, folded into the weights (adapted layers become
+    /// f32; the rest keep their encoding). Fails when the adapter does not fit the model.
+    pub fn with_adapter(self, adapter: &Path) -> Result<Self> {
+        let (adapted, _) = smelt_models::lora::load_adapter(self.model, adapter)?;
+        Ok(Self {
+            model: smelt_models::lora::merge(adapted)?,
+            host: std::sync::OnceLock::new(),
+            ..self
+        })
+    }
+
     pub fn context(&self) -> usize {
         self.model.config.context
     }
@@ -1157,5 +1168,15 @@ mod tests {
         let shots = draw_shots(&examples, &labels, 6, true, 1);
         assert_eq!(shots.len(), 6);
         assert_eq!(draw_shots(&examples, &labels, 3, false, 5).len(), 3);
+    }
+}
+
+/// The architecture of a checkpoint, read from its config without loading the weights.
+pub fn model_arch(path: &Path) -> Result<smelt_models::causal::Arch> {
+    if path.is_dir() {
+        Ok(smelt_models::causal::hf_config(&path.join("config.json"))?.arch)
+    } else {
+        let file = GgufFile::open(path)?;
+        Ok(smelt_models::causal::gguf_config(&file)?.arch)
     }
 }
