@@ -280,6 +280,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
         return Err(field("use_dora", "DoRA adapters are not supported"));
     }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if v.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+            return Err(field(key, "per-layer ranks or alphas are not supported"));
+        }
+    }
+    if v.get("layers_to_transform").is_some_and(|l| !l.is_null()) {
+        return Err(field("layers_to_transform", "adapters on a subset of layers are not supported"));
+    }
     if v.get("use_rslora").and_then(Value::as_bool) == Some(true) {
         return Err(field("use_rslora", "rank-stabilised LoRA is not supported"));
     }

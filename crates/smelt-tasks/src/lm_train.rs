@@ -220,6 +220,13 @@ fn batch_loss(model: &CausalLm, packed: &Packed, device: &Device) -> Result<Tens
     Ok(cross_entropy(logits, targets))
 }
 
+/// Mean next-token loss over the completion tokens of `seqs` as one right-padded batch
+/// (what one training micro-batch computes), tracked for gradients on an autodiff device.
+pub fn sequence_loss(model: &CausalLm, seqs: &[LmSequence], pad: u32) -> Result<Tensor<1>> {
+    let all: Vec<usize> = (0..seqs.len()).collect();
+    batch_loss(model, &pack(seqs, &all, pad), &model.device())
+}
+
 impl Task for LmTask<'_> {
     type Model = CausalLm;
     type Batch = Vec<usize>;
