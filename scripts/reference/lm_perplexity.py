@@ -3,8 +3,12 @@
 from up to W - S tokens of context before the new ones. The text is tokenized whole, without
 special tokens (SmolLM2 adds no BOS).
 
-Usage: python scripts/reference/lm_perplexity.py --model DIR [--gguf FILE] --data FILE
-       [--window 1024] [--stride 512]
+Usage: python scripts/reference/lm_perplexity.py --model DIR [--gguf FILE] [--adapter DIR]
+       --data FILE [--window 1024] [--stride 512]
+
+With --adapter, the model is wrapped by `peft` with that LoRA adapter (for example one
+written by `smelt lm train --lora-rank N`), so the result checks that peft reads smelt's
+adapter files and computes what `smelt lm eval --adapter DIR` computes.
 """
 
 import argparse
@@ -20,6 +24,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--gguf")
+    ap.add_argument("--adapter")
     ap.add_argument("--data", required=True)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
@@ -28,6 +33,10 @@ def main():
     kw = {"gguf_file": a.gguf} if a.gguf else {}
     tok = AutoTokenizer.from_pretrained(a.model, **kw)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, **kw).eval()
+    if a.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, a.adapter).eval()
     with open(a.data, encoding="utf-8") as f:
         ids = tok(f.read(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n = ids.shape[0]

@@ -508,12 +508,12 @@ pub fn train(options: &LmTrainOptions, resume: bool, device: &Device) -> Result<
     // Data.
     let (train, valid, truncated) = match &options.mode {
         Mode::Scratch(_) => {
-            let (train, tokens) = text_blocks(&options.train_files, &tokenizer, max_length - 1)?;
+            let (train, tokens) = text_blocks(&options.train_files, &tokenizer, max_length)?;
             let valid_files: Vec<PathBuf> = options.valid_file.iter().cloned().collect();
             let valid = if valid_files.is_empty() {
                 None
             } else {
-                Some(text_blocks(&valid_files, &tokenizer, max_length - 1)?.0)
+                Some(text_blocks(&valid_files, &tokenizer, max_length)?.0)
             };
             tracing::info!("{tokens} training tokens in {} blocks", train.len());
             (train, valid, 0)
