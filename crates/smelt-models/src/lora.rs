@@ -307,7 +307,7 @@ pub fn load_adapter(model: CausalLm, dir: &Path) -> Result<(CausalLm, LoraConfig
     config.validate(arch).map_err(|e| ModelError::Config {
         path: dir.join(ADAPTER_CONFIG),
         field: "target_modules".into(),
-        message: e.to_string(),
+        message: format!("{e}: the adapter was trained for a different base model"),
     })?;
     let path = dir.join(ADAPTER_WEIGHTS);
     let file = WeightFile::open(&path)?;
