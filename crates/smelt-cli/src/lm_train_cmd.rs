@@ -103,7 +103,10 @@ pub struct LmTrainArgs {
 
 pub fn train(a: LmTrainArgs, device: &Device) -> Result<()> {
     let mode = if a.from_scratch {
-        let path = a.config.clone().context("--from-scratch needs --config FILE")?;
+        let path = a
+            .config
+            .clone()
+            .context("--from-scratch needs --config FILE")?;
         if a.lora_rank.is_some() {
             bail!("--lora-rank adapts a pretrained model; it cannot be used with --from-scratch");
         }
@@ -325,7 +328,10 @@ pub fn data(cmd: DataCommand) -> Result<()> {
             for f in &files {
                 let read = smelt_data::lm_data::chatterbot_pairs(f)?;
                 for c in &read.skipped {
-                    tracing::warn!("{}: conversation {c} is not a list of turns; skipped", f.display());
+                    tracing::warn!(
+                        "{}: conversation {c} is not a list of turns; skipped",
+                        f.display()
+                    );
                 }
                 for (question, answer) in read.pairs {
                     let line = serde_json::json!({"messages": [

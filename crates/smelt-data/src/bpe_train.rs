@@ -75,11 +75,16 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, out: &Path) -> Result<()> {
     let text = tokenizer
         .to_string(true)
         .map_err(|e| DataError::Invalid(format!("cannot serialise the tokenizer: {e}")))?;
-    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        out.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
     std::fs::rename(&tmp, out).map_err(|e| DataError::io(out, e))
@@ -118,7 +123,14 @@ mod tests {
         let short = lm.encode("a single man", false).unwrap();
         assert!(short.len() < "a single man".len(), "merged: {short:?}");
 
-        let e = train_bpe(&[text], &BpeOptions { vocab_size: 10, min_frequency: 2 }).unwrap_err();
+        let e = train_bpe(
+            &[text],
+            &BpeOptions {
+                vocab_size: 10,
+                min_frequency: 2,
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("too small"), "{e}");
     }
 }

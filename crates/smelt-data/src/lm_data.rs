@@ -214,7 +214,9 @@ pub fn tokenize_lm(
             truncated += 1;
         }
         if ids.len() <= target_from {
-            return Err(bad("no completion token fits within the maximum length".into()));
+            return Err(bad(
+                "no completion token fits within the maximum length".into()
+            ));
         }
         sequences.push(LmSequence { ids, target_from });
     }
@@ -246,10 +248,12 @@ pub fn text_blocks(
         if text.trim().is_empty() {
             return Err(DataError::Empty { path: path.clone() });
         }
-        let encoded = tokenizer.encode(&text, false).map_err(|e| DataError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let encoded = tokenizer
+            .encode(&text, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         ids.extend(encoded);
         if let Some(eos) = tokenizer.eos {
             ids.push(eos);
@@ -280,18 +284,21 @@ pub struct ChatterbotFile {
 /// that is not a list of turns is skipped and reported.
 pub fn chatterbot_pairs(path: &Path) -> Result<ChatterbotFile> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| DataError::Line {
-        path: path.to_path_buf(),
-        line: e.location().map_or(0, |l| l.line()),
-        message: format!("not valid YAML: {e}"),
-    })?;
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).map_err(|e| DataError::Line {
+            path: path.to_path_buf(),
+            line: e.location().map_or(0, |l| l.line()),
+            message: format!("not valid YAML: {e}"),
+        })?;
     let conversations = doc
         .get("conversations")
         .and_then(|c| c.as_sequence())
-        .ok_or_else(|| DataError::Invalid(format!(
-            "{}: expected a `conversations` list",
-            path.display()
-        )))?;
+        .ok_or_else(|| {
+            DataError::Invalid(format!(
+                "{}: expected a `conversations` list",
+                path.display()
+            ))
+        })?;
     let mut out = Vec::new();
     let mut skipped = Vec::new();
     for (i, conv) in conversations.iter().enumerate() {
@@ -326,7 +333,10 @@ mod tests {
     use std::io::Write;
 
     fn file(text: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::Builder::new().suffix(".jsonl").tempfile().unwrap();
+        let mut f = tempfile::Builder::new()
+            .suffix(".jsonl")
+            .tempfile()
+            .unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
     }
@@ -347,7 +357,10 @@ mod tests {
     #[test]
     fn bad_lines_are_named() {
         let cases = [
-            ("{\"prompt\": \"x\", \"completion\": \"  \"}\n", "line 1: the completion is empty"),
+            (
+                "{\"prompt\": \"x\", \"completion\": \"  \"}\n",
+                "line 1: the completion is empty",
+            ),
             ("{\"prompt\": \"x\"}\n", "`completion` is missing"),
             ("\n{not json\n", "line 2: not valid JSON"),
             (
@@ -358,7 +371,10 @@ mod tests {
                 "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
                 "must end with an assistant message",
             ),
-            ("{\"prompt\": 3, \"completion\": \"y\"}\n", "must be a string, found a number"),
+            (
+                "{\"prompt\": 3, \"completion\": \"y\"}\n",
+                "must be a string, found a number",
+            ),
         ];
         for (text, expect) in cases {
             let f = file(text);
@@ -366,7 +382,10 @@ mod tests {
             assert!(e.contains(expect), "{text:?}: {e}");
         }
         let f = file("\n\n");
-        assert!(matches!(read_lm_jsonl(f.path()), Err(DataError::Empty { .. })));
+        assert!(matches!(
+            read_lm_jsonl(f.path()),
+            Err(DataError::Empty { .. })
+        ));
     }
 
     #[test]
@@ -388,6 +407,9 @@ mod tests {
         );
         assert_eq!(r.skipped, vec![2]);
         let f = file("\n\n");
-        assert!(matches!(read_lm_jsonl(f.path()), Err(DataError::Empty { .. })));
+        assert!(matches!(
+            read_lm_jsonl(f.path()),
+            Err(DataError::Empty { .. })
+        ));
     }
 }

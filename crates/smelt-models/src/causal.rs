@@ -553,7 +553,7 @@ impl CausalLm {
                         _ => unreachable!("two projections"),
                     }
                 }
-                None => gelu_tanh(block.up.forward(h)),
+                None => crate::fused::gelu_tanh(block.up.forward(h)),
             };
             x = x + block.down.forward(inner);
         }
@@ -645,7 +645,14 @@ impl CausalLm {
             self.embed = Linear::table(table, self.config.vocab_size, self.config.hidden, &device);
         }
         for b in self.blocks.iter_mut() {
-            for l in [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.up, &mut b.down] {
+            for l in [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.up,
+                &mut b.down,
+            ] {
                 dense(l)?;
             }
             if let Some(g) = b.gate.as_mut() {
@@ -1409,13 +1416,6 @@ fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
     let x2 = x.clone().slice([0..b, 0..h, 0..t, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos + rotated * sin
-}
-
-/// GPT-2's tanh approximation of GELU.
-fn gelu_tanh(x: Tensor<3>) -> Tensor<3> {
-    let c = (2.0f64 / std::f64::consts::PI).sqrt();
-    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
-    x * (inner.tanh() + 1.0) * 0.5
 }
 
 /// A new random GPT-2 style model (for training from scratch and tests).

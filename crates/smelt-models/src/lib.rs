@@ -7,6 +7,7 @@ pub mod device;
 pub mod dropout;
 pub mod error;
 pub mod fsutil;
+pub mod fused;
 pub mod gguf;
 pub mod host_decode;
 pub mod init;

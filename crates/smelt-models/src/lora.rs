@@ -225,7 +225,9 @@ pub fn save_adapter(model: &CausalLm, config: &LoraConfig, base: &str, dir: &Pat
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let tensors = adapter_tensors(model)?;
     if tensors.is_empty() {
-        return Err(ModelError::Unsupported("the model carries no adapter".into()));
+        return Err(ModelError::Unsupported(
+            "the model carries no adapter".into(),
+        ));
     }
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, None)?;
     let text = serde_json::to_vec_pretty(&adapter_config_json(config, model.config.arch, base))
@@ -281,12 +283,18 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         return Err(field("use_dora", "DoRA adapters are not supported"));
     }
     for key in ["rank_pattern", "alpha_pattern"] {
-        if v.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        if v.get(key)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
             return Err(field(key, "per-layer ranks or alphas are not supported"));
         }
     }
     if v.get("layers_to_transform").is_some_and(|l| !l.is_null()) {
-        return Err(field("layers_to_transform", "adapters on a subset of layers are not supported"));
+        return Err(field(
+            "layers_to_transform",
+            "adapters on a subset of layers are not supported",
+        ));
     }
     if v.get("use_rslora").and_then(Value::as_bool) == Some(true) {
         return Err(field("use_rslora", "rank-stabilised LoRA is not supported"));
@@ -408,7 +416,11 @@ pub fn adapter_parameters(model: &CausalLm) -> usize {
     model
         .blocks
         .iter()
-        .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.up, &b.down].into_iter().chain(b.gate.as_ref()))
+        .flat_map(|b| {
+            [&b.q, &b.k, &b.v, &b.o, &b.up, &b.down]
+                .into_iter()
+                .chain(b.gate.as_ref())
+        })
         .filter_map(|l| l.lora.as_ref())
         .map(|l| l.a.dims().iter().product::<usize>() + l.b.dims().iter().product::<usize>())
         .sum()

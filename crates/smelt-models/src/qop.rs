@@ -121,14 +121,16 @@ mod tests {
         let device = Device::flex().autodiff();
         let xs: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
         let r: Vec<f32> = (0..n * rows).map(|i| (i as f32 * 0.11).cos()).collect();
-        let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [n, cols]), &device)
-            .require_grad();
+        let x =
+            Tensor::<2>::from_data(TensorData::new(xs.clone(), [n, cols]), &device).require_grad();
         let weights = Tensor::<2>::from_data(TensorData::new(r.clone(), [n, rows]), &device);
         let y = quant_linear(x.clone(), &w);
         let y_host = y.clone().into_data().try_into_vec::<f32>().unwrap();
         for i in 0..n {
             for o in 0..rows {
-                let expect: f32 = (0..cols).map(|k| xs[i * cols + k] * dense[o * cols + k]).sum();
+                let expect: f32 = (0..cols)
+                    .map(|k| xs[i * cols + k] * dense[o * cols + k])
+                    .sum();
                 assert!((y_host[i * rows + o] - expect).abs() < 1e-4);
             }
         }
@@ -137,7 +139,9 @@ mod tests {
         let dx = dx.into_data().try_into_vec::<f32>().unwrap();
         for i in 0..n {
             for k in 0..cols {
-                let expect: f32 = (0..rows).map(|o| r[i * rows + o] * dense[o * cols + k]).sum();
+                let expect: f32 = (0..rows)
+                    .map(|o| r[i * rows + o] * dense[o * cols + k])
+                    .sum();
                 assert!(
                     (dx[i * cols + k] - expect).abs() < 1e-4,
                     "dx[{i},{k}] = {} vs {expect}",

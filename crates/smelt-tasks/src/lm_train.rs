@@ -13,7 +13,6 @@ use serde_json::{json, Map, Value};
 use smelt_data::batch::{epoch_batches, inference_batches, Batching};
 use smelt_data::lm_data::{read_lm_jsonl, text_blocks, tokenize_lm, LmSequence};
 use smelt_data::lm_tokenizer::LmTokenizer;
-use smelt_models::bert::cross_entropy;
 use smelt_models::causal::{hf_config_json, random_gpt2, Arch, CausalLm, KvCache, LmConfig, Step};
 use smelt_models::lora::{self, LoraConfig};
 use smelt_models::weights::{tensor_to_vec, write_safetensors};
@@ -36,8 +35,8 @@ pub struct ScratchConfig {
 impl ScratchConfig {
     /// Reads and checks a TOML file.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| smelt_models::ModelError::io(path, e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| smelt_models::ModelError::io(path, e))?;
         let c: ScratchConfig = toml::from_str(&text)
             .map_err(|e| TaskError::Invalid(format!("{}: {e}", path.display())))?;
         let bad = |field: &str, message: String| {
@@ -169,7 +168,7 @@ struct LmTask<'a> {
 struct Packed {
     step: Step,
     rows: Vec<usize>,
-    targets: Vec<i64>,
+    targets: Vec<u32>,
 }
 
 fn pack(seqs: &[LmSequence], batch: &[usize], pad: u32) -> Packed {
@@ -184,7 +183,7 @@ fn pack(seqs: &[LmSequence], batch: &[usize], pad: u32) -> Packed {
         tokens[r * t..r * t + n].copy_from_slice(&s.ids[..n]);
         for p in s.target_from..s.ids.len() {
             rows.push(r * t + p - 1);
-            targets.push(s.ids[p] as i64);
+            targets.push(s.ids[p]);
         }
     }
     Packed {
@@ -213,11 +212,7 @@ fn batch_loss(model: &CausalLm, packed: &Packed, device: &Device) -> Result<Tens
     );
     let picked = hidden.reshape([b * t, d]).select(0, rows);
     let logits = model.logits(picked);
-    let targets = Tensor::<1, Int>::from_data(
-        TensorData::new(packed.targets.clone(), [packed.targets.len()]),
-        device,
-    );
-    Ok(cross_entropy(logits, targets))
+    Ok(smelt_models::fused::cross_entropy(logits, &packed.targets))
 }
 
 /// Mean next-token loss over the completion tokens of `seqs` as one right-padded batch
@@ -313,7 +308,8 @@ impl Task for LmTask<'_> {
         let model = match &self.options.mode {
             Mode::Lora(_) => {
                 let base = self.base.expect("LoRA training has a base model");
-                let lm = LanguageModel::load(base, self.options.tokenizer.as_deref(), &self.device)?;
+                let lm =
+                    LanguageModel::load(base, self.options.tokenizer.as_deref(), &self.device)?;
                 let (model, _) = lora::load_adapter(lm.model, dir)?;
                 model
             }
@@ -636,7 +632,10 @@ pub fn merge(
             ("ffn_up", &b.up),
             ("ffn_down", &b.down),
         ];
-        for (name, l) in layers.into_iter().chain(b.gate.as_ref().map(|g| ("ffn_gate", g))) {
+        for (name, l) in layers
+            .into_iter()
+            .chain(b.gate.as_ref().map(|g| ("ffn_gate", g)))
+        {
             if l.lora.is_some() {
                 touched.push((i, name));
             }

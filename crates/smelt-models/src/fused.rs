@@ -1,0 +1,367 @@
+//! Fused CPU kernels with their backward passes, where the profile of a training step says
+//! the chain of elementwise tensor operations costs more than the arithmetic:
+//!
+//! - [`gelu_tanh`]: GPT-2's GELU in one pass forward and one backward (instead of about ten
+//!   full-size temporaries each way);
+//! - [`cross_entropy`]: the mean next-token loss over a `[n, vocab]` logit matrix, computed
+//!   row by row with a running log-sum-exp; its gradient `softmax - onehot` is written in one
+//!   pass, never materialising the log-probabilities.
+//!
+//! Both are burn backend extensions for the CPU backend and autodiff over it. On other
+//! devices the callers use the composed tensor operations instead ([`is_fusable`]).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, Dispatch, Flex};
+use burn::tensor::{Tensor, TensorData};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Target token ids of the rows of a logit matrix.
+#[derive(Clone, Debug)]
+pub struct Targets(pub Arc<Vec<u32>>);
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedBackend: burn::backend::Backend {
+    /// GELU with the tanh approximation, elementwise.
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Mean cross-entropy of `[n, vocab]` logits against `targets`, as a `[1]` tensor.
+    fn cross_entropy(logits: FloatTensor<Self>, targets: Targets) -> FloatTensor<Self>;
+}
+
+/// Whether the fused kernels serve tensors on `device` (the CPU, with or without autodiff).
+pub fn is_fusable(device: &burn::tensor::Device) -> bool {
+    crate::causal::is_cpu(device)
+}
+
+fn host(t: FlexTensor) -> (Vec<f32>, Vec<usize>) {
+    let data = t.into_data();
+    let shape = data.shape().to_vec();
+    (
+        data.convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 tensor"),
+        shape,
+    )
+}
+
+fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+const CHUNK: usize = 1 << 14;
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+/// `e^x` for f32, accurate to about 2 ulp over the range where it is finite; written so that
+/// loops over slices vectorise.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    // e^x = 2^k · e^r with k = round(x / ln 2), |r| <= ln2 / 2.
+    let k = (x * std::f32::consts::LOG2_E).round();
+    let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
+    // Degree-6 Taylor polynomial of e^r on |r| <= 0.35.
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let bits = ((k as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `tanh` through [`exp`]; for small arguments a series avoids the cancellation of
+/// `(e^{2u} - 1)`.
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    let a = u.abs();
+    let e = exp(2.0 * a);
+    let big = 1.0 - 2.0 / (e + 1.0);
+    let u2 = u * u;
+    let small = a * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))));
+    let t = if a < 0.125 { small } else { big };
+    t.copysign(u)
+}
+
+fn gelu_forward(x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                let u = SQRT_2_OVER_PI * (x + GELU_A * x * x * x);
+                *y = 0.5 * x * (1.0 + tanh(u));
+            }
+        });
+    y
+}
+
+fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, g))| {
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                let x2 = x * x;
+                let t = tanh(SQRT_2_OVER_PI * (x + GELU_A * x2 * x));
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * x2);
+                *dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+            }
+        });
+    dx
+}
+
+/// Per row: `(log-sum-exp, logit of the target)`.
+fn row_stats(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<(f32, f32)> {
+    logits
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&v| exp(v - max)).sum();
+            (max + sum.ln(), row[t as usize])
+        })
+        .collect()
+}
+
+fn cross_entropy_forward(logits: &[f32], vocab: usize, targets: &[u32]) -> (f32, Vec<f32>) {
+    let stats = row_stats(logits, vocab, targets);
+    let n = stats.len().max(1) as f64;
+    let loss = stats.iter().map(|&(lse, t)| (lse - t) as f64).sum::<f64>() / n;
+    (loss as f32, stats.iter().map(|s| s.0).collect())
+}
+
+fn cross_entropy_backward(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[u32],
+    lse: &[f32],
+    scale: f32,
+) -> Vec<f32> {
+    let mut dx = vec![0f32; logits.len()];
+    let n = targets.len().max(1) as f32;
+    let s = scale / n;
+    dx.par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter().zip(lse.par_iter()))
+        .for_each(|((d, row), (&t, &lse))| {
+            for (d, &v) in d.iter_mut().zip(row) {
+                *d = s * exp(v - lse);
+            }
+            d[t as usize] -= s;
+        });
+    dx
+}
+
+fn check_targets(targets: &[u32], n: usize, vocab: usize) {
+    assert_eq!(targets.len(), n, "one target per logit row");
+    assert!(
+        targets.iter().all(|&t| (t as usize) < vocab),
+        "targets within the vocabulary"
+    );
+}
+
+impl FusedBackend for Flex {
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (x, shape) = host(x);
+        flex(gelu_forward(&x), shape)
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: Targets) -> FloatTensor<Self> {
+        let (l, shape) = host(logits);
+        let vocab = shape[1];
+        check_targets(&targets.0, shape[0], vocab);
+        let (loss, _) = cross_entropy_forward(&l, vocab, &targets.0);
+        flex(vec![loss], vec![1])
+    }
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let g = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = parent {
+            let (x, shape) = host(ops.state);
+            let (g, _) = host(g);
+            grads.register::<Flex>(node.id, flex(gelu_backward(&x, &g), shape));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward {
+    targets: Arc<Vec<u32>>,
+}
+
+impl Backward<Flex, 1> for CrossEntropyBackward {
+    /// The logits and each row's log-sum-exp.
+    type State = (FlexTensor, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let g = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = parent {
+            let (logits, lse) = ops.state;
+            let (l, shape) = host(logits);
+            let (g, _) = host(g);
+            let dx = cross_entropy_backward(&l, shape[1], &self.targets, &lse, g[0]);
+            grads.register::<Flex>(node.id, flex(dx, shape));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let input = x.primitive().clone();
+                let out = <Flex as FusedBackend>::gelu_tanh(input.clone());
+                prep.finish(input, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(<Flex as FusedBackend>::gelu_tanh(x.into_primitive()))
+            }
+        }
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: Targets) -> FloatTensor<Self> {
+        let op = CrossEntropyBackward {
+            targets: targets.0.clone(),
+        };
+        match op.prepare::<C>([logits.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let input = logits.primitive().clone();
+                let (l, shape) = host(input.clone());
+                check_targets(&targets.0, shape[0], shape[1]);
+                let (loss, lse) = cross_entropy_forward(&l, shape[1], &targets.0);
+                prep.finish((input, lse), flex(vec![loss], vec![1]))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<Flex as FusedBackend>::cross_entropy(
+                logits.into_primitive(),
+                targets,
+            )),
+        }
+    }
+}
+
+/// GELU (tanh approximation) of `x`: fused on the CPU, composed elsewhere.
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !is_fusable(&x.device()) {
+        let c = (2.0f64 / std::f64::consts::PI).sqrt();
+        let inner = (x.clone() + x.clone() * x.clone() * x.clone() * 0.044715) * c;
+        return x * (inner.tanh() + 1.0) * 0.5;
+    }
+    Tensor::from_dispatch(<Dispatch as FusedBackend>::gelu_tanh(x.into_dispatch()))
+}
+
+/// Mean cross-entropy of `[n, vocab]` logits against target ids: fused on the CPU, composed
+/// elsewhere. Targets must be below `vocab`.
+pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+    let device = logits.device();
+    if !is_fusable(&device) {
+        let t = Tensor::<1, burn::tensor::Int>::from_data(
+            TensorData::new(
+                targets.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [targets.len()],
+            ),
+            &device,
+        );
+        return crate::bert::cross_entropy(logits, t);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedBackend>::cross_entropy(
+        logits.into_dispatch(),
+        Targets(Arc::new(targets.to_vec())),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn exp_and_tanh_are_accurate() {
+        let mut worst = 0f32;
+        for i in -8000..8000 {
+            let x = i as f32 * 0.01;
+            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            let t = tanh(x * 0.1);
+            assert!((t - (x * 0.1).tanh()).abs() < 3e-7, "tanh({})", x * 0.1);
+        }
+        assert!(worst < 5e-7, "exp relative error {worst}");
+    }
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + seed) * 0.731).sin() * 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn fused_ops_match_the_composed_ones_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        let (n, v) = (7, 37);
+        let data = values(n * v, 0.5);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 5) % v as u32).collect();
+        let weights = values(n * v, 9.0);
+        let run = |fused: bool| -> (f32, Vec<f32>, Vec<f32>) {
+            let x = Tensor::<2>::from_data(TensorData::new(data.clone(), [n, v]), &device)
+                .require_grad();
+            let w = Tensor::<2>::from_data(TensorData::new(weights.clone(), [n, v]), &device);
+            let g = if fused {
+                gelu_tanh(x.clone())
+            } else {
+                let c = (2.0f64 / std::f64::consts::PI).sqrt();
+                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
+                x.clone() * (inner.tanh() + 1.0) * 0.5
+            };
+            let loss = if fused {
+                cross_entropy(g.clone() * w.clone(), &targets)
+            } else {
+                let t = Tensor::<1, burn::tensor::Int>::from_data(
+                    TensorData::new(targets.iter().map(|&t| t as i64).collect::<Vec<_>>(), [n]),
+                    &device,
+                );
+                crate::bert::cross_entropy(g.clone() * w, t)
+            };
+            let gs = g
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let l = loss.clone().into_scalar::<f32>();
+            let grads = loss.backward();
+            let dx = x
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            (l, gs, dx)
+        };
+        let (l1, g1, d1) = run(true);
+        let (l2, g2, d2) = run(false);
+        assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
+        for (a, b) in g1.iter().zip(&g2) {
+            assert!((a - b).abs() < 1e-5, "gelu {a} vs {b}");
+        }
+        for (a, b) in d1.iter().zip(&d2) {
+            assert!((a - b).abs() < 1e-6, "gradient {a} vs {b}");
+        }
+    }
+}
