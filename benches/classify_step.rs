@@ -24,7 +24,11 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// quarter of a MiniLM step).
 fn keep_freed_memory() {
     // SAFETY: setting an allocator option is a plain store inside mimalloc.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    unsafe {
+        libmimalloc_sys::mi_option_set(6, 0); // mi_option_allow_large_os_pages
+        libmimalloc_sys::mi_option_set(43, 0); // mi_option_allow_thp (mimalloc v3)
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+    }
 }
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -4,7 +4,8 @@
 //! `SMELT_BENCH_MODE=lora` (default): LoRA steps on SmolLM2-135M from its Q4_1 GGUF (rank 8,
 //! alpha 16, q_proj and v_proj, no dropout), batch 4 × 256 tokens of Jane Austen text, every
 //! token a target. `SMELT_BENCH_MODE=scratch`: full steps of a new GPT-2 (4 layers, 4 heads,
-//! width 256, context 256, the GPT-2 vocabulary), batch 16 × 256. Each step is forward,
+//! width 256, context 256, the vocabulary of `SMELT_BENCH_TOKENIZER`, GPT-2's by default),
+//! batch 16 × 256. Each step is forward,
 //! loss, backward, gradient clipping and an AdamW update, as in `smelt lm train`.
 //! `SMELT_BENCH_STEPS` (default 6; the first is a warm-up and not timed). Prints one JSON
 //! line: tokens per second (median over steps), peak resident memory, model FLOPs per token.
@@ -37,8 +38,13 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
-    // Keep freed memory mapped, as the smelt binary does.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    // Allocator options as the smelt binary sets them (mimalloc v3 positions): no large OS
+    // pages, no transparent huge pages, freed memory kept.
+    unsafe {
+        libmimalloc_sys::mi_option_set(6, 0);
+        libmimalloc_sys::mi_option_set(43, 0);
+        libmimalloc_sys::mi_option_set(15, -1);
+    }
     let mode = std::env::var("SMELT_BENCH_MODE").unwrap_or_else(|_| "lora".into());
     let steps: usize = std::env::var("SMELT_BENCH_STEPS")
         .ok()
@@ -61,10 +67,14 @@ fn main() {
             (model, lm.tokenizer, 4, 256)
         }
         "scratch" => {
-            let tok = smelt_data::assets::locate("models/gpt2-tokenizer").expect("gpt2 tokenizer");
+            let tok = match std::env::var_os("SMELT_BENCH_TOKENIZER") {
+                Some(t) => std::path::PathBuf::from(t),
+                None => smelt_data::assets::locate("models/gpt2-tokenizer")
+                    .expect("gpt2 tokenizer")
+                    .join("tokenizer.json"),
+            };
             let tokenizer =
-                smelt_data::lm_tokenizer::LmTokenizer::from_hf(&tok.join("tokenizer.json"))
-                    .expect("tokenizer loads");
+                smelt_data::lm_tokenizer::LmTokenizer::from_hf(&tok).expect("tokenizer loads");
             let config = LmConfig {
                 arch: Arch::Gpt2,
                 vocab_size: tokenizer.base_vocab_size(),

@@ -2,8 +2,8 @@
 
 `--mode lora`: SmolLM2-135M-Instruct loaded by `transformers` from the Q4_1 GGUF (fp32), a
 `peft` LoRA of rank 8, alpha 16 on q_proj and v_proj without dropout, batch 4 x 256 tokens.
-`--mode scratch`: a new GPT-2 (4 layers, 4 heads, width 256, context 256, the GPT-2
-vocabulary), batch 16 x 256. Both on text of Persuasion, every token a target; each step is
+`--mode scratch`: a new GPT-2 (4 layers, 4 heads, width 256, context 256, the vocabulary of
+--tokenizer, GPT-2's by default), batch 16 x 256. Both on text of Persuasion, every token a target; each step is
 forward, loss, backward, clipping to norm 1 and an AdamW update. Prints one JSON line.
 """
 
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--mode", default="lora", choices=["lora", "scratch"])
     ap.add_argument("--assets", required=True)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--tokenizer", help="tokenizer.json for --mode scratch (GPT-2's by default)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -40,9 +41,10 @@ def main():
                                                  task_type="CAUSAL_LM"))
         batch, seq = 4, 256
     else:
-        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(
+        tok = PreTrainedTokenizerFast(tokenizer_file=a.tokenizer or os.path.join(
             a.assets, "models", "gpt2-tokenizer", "tokenizer.json"))
-        config = GPT2Config(vocab_size=50257, n_positions=256, n_embd=256, n_layer=4, n_head=4,
+        vocab = 50257 if a.tokenizer is None else len(tok)
+        config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=256, n_layer=4, n_head=4,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             layer_norm_epsilon=1e-5)
         model = GPT2LMHeadModel(config)

@@ -11,7 +11,7 @@ use crate::gguf::{GgufFile, Value as GgufValue};
 use crate::quant::{GgmlType, QMatrix};
 use crate::weights::{tensor_from_vec, tensor_to_vec, transpose, NamedTensor, WeightFile};
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde_json::Value;
 use std::path::Path;
@@ -549,7 +549,7 @@ impl CausalLm {
                 Some(gate) => {
                     let mut gu = Linear::forward_group(&[gate, &block.up], h).into_iter();
                     match (gu.next(), gu.next()) {
-                        (Some(g), Some(u)) => silu(g) * u,
+                        (Some(g), Some(u)) => crate::fused::swiglu(g, u),
                         _ => unreachable!("two projections"),
                     }
                 }
@@ -1451,7 +1451,7 @@ pub fn random_gpt2(config: LmConfig, seed: u64, device: &Device) -> CausalLm {
     }
     let embed = Linear::table(init.normal(v * h, std), v, h, device);
     let positions = Param::from_tensor(tensor_from_vec(
-        init.normal(config.context * h, 0.01),
+        init.normal(config.context * h, std),
         [config.context, h],
         device,
     ));

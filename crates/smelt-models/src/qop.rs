@@ -152,6 +152,27 @@ mod tests {
     }
 
     #[test]
+    fn the_transposed_product_spans_several_tiles() {
+        let (rows, cols, n) = (2500, 64, 3);
+        let w = matrix(rows, cols);
+        let dense = w.dequantize();
+        let g: Vec<f32> = (0..n * rows).map(|i| (i as f32 * 0.013).sin()).collect();
+        let dx = w.matmul_transposed(&g, n);
+        for i in 0..n {
+            for k in 0..cols {
+                let expect: f32 = (0..rows)
+                    .map(|o| g[i * rows + o] * dense[o * cols + k])
+                    .sum();
+                assert!(
+                    (dx[i * cols + k] - expect).abs() < 1e-3,
+                    "{} vs {expect}",
+                    dx[i * cols + k]
+                );
+            }
+        }
+    }
+
+    #[test]
     fn works_without_autodiff() {
         let w = matrix(8, 32);
         let x = Tensor::<2>::ones([3, 32], &Device::flex());

@@ -475,37 +475,43 @@ impl QMatrix {
     pub fn matmul_transposed(&self, g: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(g.len(), n * self.rows, "gradient size must be n × rows");
         let (rows, cols) = (self.rows, self.cols);
-        // The dequantized matrix lives only for this product (training steps are dominated
-        // by the GEMM, and decoding a matrix once per step is cheap next to it).
-        let mut w = vec![0f32; rows * cols];
-        w.par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(r, row)| self.dequantize_row(r, row));
         let mut out = vec![0f32; n * cols];
-        // SAFETY: `out` is n × cols, `g` is n × rows and `w` is rows × cols, all row-major
-        // and alive for the call.
-        unsafe {
-            gemm::gemm(
-                n,
-                cols,
-                rows,
-                out.as_mut_ptr(),
-                1,
-                cols as isize,
-                false,
-                g.as_ptr(),
-                1,
-                rows as isize,
-                w.as_ptr(),
-                1,
-                cols as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
+        // Row tiles of W are decoded (in parallel) into a reused buffer and accumulated with
+        // a multithreaded GEMM: `out += g[:, tile] · W[tile, :]`. The matrix is never held in
+        // f32 as a whole.
+        let tile = TRANSPOSED_TILE_ROWS.min(rows).max(1);
+        let mut buf = vec![0f32; tile * cols];
+        for start in (0..rows).step_by(tile) {
+            let len = tile.min(rows - start);
+            buf[..len * cols]
+                .par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(k, row)| self.dequantize_row(start + k, row));
+            // SAFETY: `out` is n × cols, `g` is n × rows (row stride `rows`, offset `start`
+            // columns), `buf` holds `len` rows of `cols`; all alive for the call.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    cols,
+                    len,
+                    out.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    start > 0,
+                    g.as_ptr().add(start),
+                    1,
+                    rows as isize,
+                    buf.as_ptr(),
+                    1,
+                    cols as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                );
+            }
         }
         out
     }
@@ -785,6 +791,8 @@ pub fn matvec_team(team: &crate::team::Team, ms: &[&QMatrix], x: &[f32]) -> Vec<
 const GEMM_MIN_ROWS: usize = 6;
 /// Weight rows dequantized per GEMM tile.
 const TILE_ROWS: usize = 64;
+/// Weight rows decoded per step of the transposed product (the input gradient).
+const TRANSPOSED_TILE_ROWS: usize = 1024;
 
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}

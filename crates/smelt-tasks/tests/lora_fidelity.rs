@@ -154,9 +154,10 @@ fn peft_adapter_logits_loss_and_gradients_match() {
         let theirs = transpose(&floats(values), rows, cols);
         let rel = relative(&ours, &theirs);
         eprintln!("{name}: relative difference {rel:.2e}");
-        // Target 1e-4. Measured: 1e-5 to 6e-5 for eleven of the twelve tensors, 1.4e-4 for
-        // layer 29's v_proj A, identical with dequantized dense weights (so not the quantized
-        // product); the bound below holds that one while the others are held at 1e-4.
+        // Target 1e-4. Measured: 1e-5 to 7e-5 for eleven of the twelve tensors, 1.6e-4 for
+        // layer 29's v_proj A (1.4e-4 with dequantized dense weights and composed ops, so not
+        // the quantized product or the fused kernels); PyTorch's own fp32 is within 1e-5 of
+        // its fp64 there. The bound below holds that one while the others are held at 1e-4.
         let bound = if name.contains("layers.29.self_attn.v_proj.lora_A") {
             2e-4
         } else {
