@@ -498,7 +498,16 @@ impl CausalLm {
         }
         let total = past + t;
         let groups = c.heads / c.kv_heads;
-        let mask = attention_mask(step, past, groups, &device);
+        // The fused CPU kernel masks on the fly; other devices get an additive mask.
+        let fusable = crate::fused::is_fusable(&device);
+        let mask = (!fusable)
+            .then(|| attention_mask(step, past, groups, &device))
+            .flatten();
+        let spec = crate::fused::AttentionSpec {
+            scale: 1.0 / (c.head_dim() as f32).sqrt(),
+            causal_past: Some(past),
+            key_valid: step.key_valid.clone().map(Arc::new),
+        };
         let rope = (c.arch == Arch::Llama).then(|| rope_tables(step, c, &device));
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(x.clone());
@@ -530,19 +539,20 @@ impl CausalLm {
                 None => (k, v),
             };
             cache.layers[i] = Some((k.clone(), v.clone()));
-            // Grouped-query attention without copying keys: the query heads that share a
-            // key/value head are stacked along the sequence axis.
-            let q = q.reshape([b, c.kv_heads, groups * t, hd]);
-            let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
-            let scores = match &mask {
-                Some(m) => scores + m.clone(),
-                None => scores,
+            let context = if fusable {
+                crate::fused::attention(q, k, v, spec.clone())
+            } else {
+                // Grouped-query attention without copying keys: the query heads that share a
+                // key/value head are stacked along the sequence axis.
+                let q = q.reshape([b, c.kv_heads, groups * t, hd]);
+                let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
+                let scores = match &mask {
+                    Some(m) => scores + m.clone(),
+                    None => scores,
+                };
+                softmax(scores, 3).matmul(v).reshape([b, c.heads, t, hd])
             };
-            let context = softmax(scores, 3).matmul(v);
-            let context = context
-                .reshape([b, c.heads, t, hd])
-                .swap_dims(1, 2)
-                .reshape([b, t, c.hidden]);
+            let context = context.swap_dims(1, 2).reshape([b, t, c.hidden]);
             x = x + block.o.forward(context);
             let h = block.mlp_norm.forward(x.clone());
             let inner = match &block.gate {

@@ -34,6 +34,24 @@ pub trait FusedBackend: burn::backend::Backend {
     fn cross_entropy(logits: FloatTensor<Self>, targets: Targets) -> FloatTensor<Self>;
     /// SwiGLU's gate: `silu(gate) * up`, elementwise.
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Scaled dot-product attention of `q [b, heads, t, d]` over `k`, `v`
+    /// `[b, kv_heads, s, d]` (query head `h` reads key/value head `h / (heads / kv_heads)`).
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: AttentionSpec,
+    ) -> FloatTensor<Self>;
+}
+
+/// What an attention call may look at.
+#[derive(Clone, Debug)]
+pub struct AttentionSpec {
+    pub scale: f32,
+    /// Causal masking: query `i` sees keys `j <= past + i`; `None` sees every key.
+    pub causal_past: Option<usize>,
+    /// Keys that may be attended to, `[b, s]` row-major; `None`: all.
+    pub key_valid: Option<Arc<Vec<bool>>>,
 }
 
 /// Whether the fused kernels serve tensors on `device` (the CPU, with or without autodiff).
@@ -152,6 +170,197 @@ fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (dg, du)
 }
 
+/// `c[m, n] (+)= beta · a[m, k] · b[k, n]` for row-major `c`, with `a` and `b` given by
+/// their row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    beta: f32,
+) {
+    debug_assert!(c.len() >= m * n);
+    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    debug_assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the strides address only elements inside `a`, `b` and `c` (checked above in
+    // debug builds; every caller passes whole matrices of the stated shapes).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+struct AttnShape {
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+}
+
+impl AttnShape {
+    fn of(q: &[usize], k: &[usize]) -> Self {
+        assert_eq!(q.len(), 4, "attention takes [b, heads, t, d]");
+        assert_eq!(k.len(), 4, "attention takes [b, kv_heads, s, d]");
+        assert_eq!((q[0], q[3]), (k[0], k[3]), "batch and head width agree");
+        assert!(k[1] > 0 && q[1] % k[1] == 0, "kv heads divide heads");
+        Self {
+            b: q[0],
+            heads: q[1],
+            kv_heads: k[1],
+            t: q[2],
+            s: k[2],
+            d: q[3],
+        }
+    }
+}
+
+/// Forward pass: the output `[b, heads, t, d]` and the probabilities `[b, heads, t, s]`.
+fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sh: &AttnShape,
+    spec: &AttentionSpec,
+) -> (Vec<f32>, Vec<f32>) {
+    let AttnShape {
+        b,
+        heads,
+        kv_heads,
+        t,
+        s,
+        d,
+    } = *sh;
+    let groups = heads / kv_heads;
+    let mut out = vec![0f32; b * heads * t * d];
+    let mut probs = vec![0f32; b * heads * t * s];
+    out.par_chunks_mut(t * d)
+        .zip(probs.par_chunks_mut(t * s))
+        .enumerate()
+        .for_each(|(bh, (o, p))| {
+            let (bi, h) = (bh / heads, bh % heads);
+            let kv = bi * kv_heads + h / groups;
+            let qh = &q[bh * t * d..(bh + 1) * t * d];
+            let kh = &k[kv * s * d..(kv + 1) * s * d];
+            let vh = &v[kv * s * d..(kv + 1) * s * d];
+            mm((t, s, d), qh, (d, 1), kh, (1, d), p, false, spec.scale);
+            for i in 0..t {
+                let row = &mut p[i * s..(i + 1) * s];
+                let limit = spec.causal_past.map_or(s, |past| (past + i + 1).min(s));
+                let valid =
+                    |j: usize| j < limit && spec.key_valid.as_ref().is_none_or(|kv| kv[bi * s + j]);
+                let mut max = f32::NEG_INFINITY;
+                for (j, x) in row.iter().enumerate() {
+                    if valid(j) {
+                        max = max.max(*x);
+                    }
+                }
+                if max == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let mut sum = 0f64;
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = if valid(j) { exp(*x - max) } else { 0.0 };
+                    sum += *x as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for x in row.iter_mut() {
+                    *x *= inv;
+                }
+            }
+            mm((t, d, s), p, (s, 1), vh, (d, 1), o, false, 1.0);
+        });
+    (out, probs)
+}
+
+/// Backward pass: gradients of `q`, `k` and `v`.
+fn attention_backward(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    probs: &[f32],
+    dout: &[f32],
+    sh: &AttnShape,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnShape {
+        b,
+        heads,
+        kv_heads,
+        t,
+        s,
+        d,
+    } = *sh;
+    let groups = heads / kv_heads;
+    let mut dq = vec![0f32; b * heads * t * d];
+    let mut dk = vec![0f32; b * kv_heads * s * d];
+    let mut dv = vec![0f32; b * kv_heads * s * d];
+    // One task per key/value head, so the query heads sharing it accumulate without races.
+    dq.par_chunks_mut(groups * t * d)
+        .zip(dk.par_chunks_mut(s * d).zip(dv.par_chunks_mut(s * d)))
+        .enumerate()
+        .for_each(|(kv, (dq, (dk, dv)))| {
+            let kh = &k[kv * s * d..(kv + 1) * s * d];
+            let vh = &v[kv * s * d..(kv + 1) * s * d];
+            let mut dp = vec![0f32; t * s];
+            for g in 0..groups {
+                let bh = kv * groups + g;
+                let qh = &q[bh * t * d..(bh + 1) * t * d];
+                let ph = &probs[bh * t * s..(bh + 1) * t * s];
+                let doh = &dout[bh * t * d..(bh + 1) * t * d];
+                // dV += Pᵀ · dO
+                mm((s, d, t), ph, (1, s), doh, (d, 1), dv, g > 0, 1.0);
+                // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
+                mm((t, s, d), doh, (d, 1), vh, (1, d), &mut dp, false, 1.0);
+                for i in 0..t {
+                    let p = &ph[i * s..(i + 1) * s];
+                    let row = &mut dp[i * s..(i + 1) * s];
+                    let dot: f64 = p.iter().zip(row.iter()).map(|(a, b)| (a * b) as f64).sum();
+                    let dot = dot as f32;
+                    for (x, &pj) in row.iter_mut().zip(p) {
+                        *x = pj * (*x - dot);
+                    }
+                }
+                // dQ = dS · K · scale; dK += dSᵀ · Q · scale
+                mm(
+                    (t, d, s),
+                    &dp,
+                    (s, 1),
+                    kh,
+                    (d, 1),
+                    &mut dq[g * t * d..(g + 1) * t * d],
+                    false,
+                    scale,
+                );
+                mm((s, d, t), &dp, (1, s), qh, (d, 1), dk, g > 0, scale);
+            }
+        });
+    (dq, dk, dv)
+}
+
 /// Per row: `(log-sum-exp, logit of the target)`.
 fn row_stats(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<(f32, f32)> {
     logits
@@ -222,6 +431,54 @@ impl FusedBackend for Flex {
         let (g, shape) = host(gate);
         let (u, _) = host(up);
         flex(swiglu_forward(&g, &u), shape)
+    }
+
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: AttentionSpec,
+    ) -> FloatTensor<Self> {
+        let (q, qs) = host(q);
+        let (k, ks) = host(k);
+        let (v, _) = host(v);
+        let sh = AttnShape::of(&qs, &ks);
+        flex(attention_forward(&q, &k, &v, &sh, &spec).0, qs)
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward {
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for AttentionBackward {
+    /// Inputs (contiguous host copies with their shapes) and the probabilities.
+    type State = (
+        Vec<f32>,
+        Vec<f32>,
+        Vec<f32>,
+        Vec<usize>,
+        Vec<usize>,
+        Vec<f32>,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [qn, kn, vn] = ops.parents;
+        let dout = grads.consume::<Flex>(&ops.node);
+        let (q, k, v, qs, ks, probs) = ops.state;
+        let (dout, _) = host(dout);
+        let sh = AttnShape::of(&qs, &ks);
+        let (dq, dk, dv) = attention_backward((&q, &k, &v), &probs, &dout, &sh, self.scale);
+        if let Some(node) = qn {
+            grads.register::<Flex>(node.id, flex(dq, qs));
+        }
+        if let Some(node) = kn {
+            grads.register::<Flex>(node.id, flex(dk, ks.clone()));
+        }
+        if let Some(node) = vn {
+            grads.register::<Flex>(node.id, flex(dv, ks));
+        }
     }
 }
 
@@ -340,6 +597,47 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
             )),
         }
     }
+
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: AttentionSpec,
+    ) -> FloatTensor<Self> {
+        let op = AttentionBackward { scale: spec.scale };
+        match op
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (qh, qs) = host(q.primitive().clone());
+                let (kh, ks) = host(k.primitive().clone());
+                let (vh, _) = host(v.primitive().clone());
+                let sh = AttnShape::of(&qs, &ks);
+                let (out, probs) = attention_forward(&qh, &kh, &vh, &sh, &spec);
+                let out = flex(out, qs.clone());
+                prep.finish((qh, kh, vh, qs, ks, probs), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<Flex as FusedBackend>::attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                spec,
+            )),
+        }
+    }
+}
+
+/// Scaled dot-product attention on the CPU (see [`FusedBackend::attention`]); callers use
+/// composed operations on other devices ([`is_fusable`]).
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, spec: AttentionSpec) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedBackend>::attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        spec,
+    ))
 }
 
 /// `silu(gate) * up` (SwiGLU): fused on the CPU, composed elsewhere.
@@ -411,6 +709,91 @@ mod tests {
         for (x, y) in [(a.0, b.0), (a.1, b.1), (a.2, b.2)] {
             for (p, q) in x.iter().zip(&y) {
                 assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+
+    /// Attention from composed tensor operations, with key/value heads repeated for the
+    /// query heads that share them.
+    fn composed_attention(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        spec: &AttentionSpec,
+    ) -> Tensor<4> {
+        let [b, heads, t, _] = q.dims();
+        let [_, kv_heads, s, d] = k.dims();
+        let groups = heads / kv_heads;
+        let repeat = |x: Tensor<4>| {
+            Tensor::cat(
+                (0..heads)
+                    .map(|h| {
+                        x.clone()
+                            .slice([0..b, h / groups..h / groups + 1, 0..s, 0..d])
+                    })
+                    .collect(),
+                1,
+            )
+        };
+        let mut mask = vec![0f32; b * t * s];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..s {
+                    let causal = spec.causal_past.is_some_and(|p| j > p + i);
+                    let invalid = spec.key_valid.as_ref().is_some_and(|kv| !kv[bi * s + j]);
+                    if causal || invalid {
+                        mask[(bi * t + i) * s + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::<4>::from_data(TensorData::new(mask, [b, 1, t, s]), &q.device());
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * spec.scale as f64 + mask;
+        burn::tensor::activation::softmax(scores, 3).matmul(repeat(v))
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_one_with_its_gradients() {
+        let device = Device::flex().autodiff();
+        let (b, heads, kv_heads, t, past, d) = (2, 4, 2, 5, 3, 8);
+        let s = past + t;
+        let mut key_valid = vec![true; b * s];
+        key_valid[0] = false; // a left-padded first row
+        key_valid[1] = false;
+        let spec = AttentionSpec {
+            scale: 1.0 / (d as f32).sqrt(),
+            causal_past: Some(past),
+            key_valid: Some(Arc::new(key_valid)),
+        };
+        let tensor = |n: usize, seed: f32, shape: [usize; 4]| {
+            Tensor::<4>::from_data(TensorData::new(values(n, seed), shape), &device).require_grad()
+        };
+        let run = |fused: bool| {
+            let q = tensor(b * heads * t * d, 1.0, [b, heads, t, d]);
+            let k = tensor(b * kv_heads * s * d, 2.0, [b, kv_heads, s, d]);
+            let v = tensor(b * kv_heads * s * d, 3.0, [b, kv_heads, s, d]);
+            let o = if fused {
+                attention(q.clone(), k.clone(), v.clone(), spec.clone())
+            } else {
+                composed_attention(q.clone(), k.clone(), v.clone(), &spec)
+            };
+            let w = Tensor::<4>::from_data(
+                TensorData::new(values(b * heads * t * d, 5.0), [b, heads, t, d]),
+                &device,
+            );
+            let grads = (o.clone() * w).sum().backward();
+            let v4 = |x: Tensor<4>| x.into_data().try_to_vec::<f32>().unwrap();
+            [
+                v4(o),
+                v4(q.grad(&grads).unwrap()),
+                v4(k.grad(&grads).unwrap()),
+                v4(v.grad(&grads).unwrap()),
+            ]
+        };
+        let (a, c) = (run(true), run(false));
+        for (name, (x, y)) in ["output", "dq", "dk", "dv"].iter().zip(a.iter().zip(&c)) {
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() < 2e-5, "{name}: {p} vs {q}");
             }
         }
     }
