@@ -277,7 +277,11 @@ pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
                 min_frequency,
             };
             let tok = smelt_data::bpe_train::train_bpe(&inputs, &options)?;
-            smelt_data::bpe_train::save_tokenizer(&tok, &out)?;
+            let text = smelt_data::bpe_train::tokenizer_json(&tok)?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+            }
+            smelt_models::fsutil::write_atomic(&out, text.as_bytes())?;
             eprintln!(
                 "trained a {}-token vocabulary on {} files in {:.1} s; wrote {}",
                 tok.get_vocab_size(true),

@@ -1,7 +1,7 @@
 //! Training a byte-level BPE tokenizer (GPT-2's scheme) on text files.
 
 use crate::error::{DataError, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -70,24 +70,11 @@ pub fn train_bpe(inputs: &[PathBuf], options: &BpeOptions) -> Result<Tokenizer> 
     Ok(tokenizer)
 }
 
-/// Writes `tokenizer.json` atomically.
-pub fn save_tokenizer(tokenizer: &Tokenizer, out: &Path) -> Result<()> {
-    let text = tokenizer
+/// The tokenizer as `tokenizer.json` text (pretty-printed).
+pub fn tokenizer_json(tokenizer: &Tokenizer) -> Result<String> {
+    tokenizer
         .to_string(true)
-        .map_err(|e| DataError::Invalid(format!("cannot serialise the tokenizer: {e}")))?;
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| DataError::io(out, e))
+        .map_err(|e| DataError::Invalid(format!("cannot serialise the tokenizer: {e}")))
 }
 
 #[cfg(test)]
@@ -114,7 +101,7 @@ mod tests {
         assert!(tok.get_vocab_size(true) <= 300);
         assert!(tok.get_vocab_size(true) > 257, "merges were learnt");
         let out = dir.path().join("tokenizer.json");
-        save_tokenizer(&tok, &out).unwrap();
+        std::fs::write(&out, tokenizer_json(&tok).unwrap()).unwrap();
         let lm = LmTokenizer::from_hf(&out).unwrap();
         assert_eq!(lm.eos, lm.token_to_id(END_OF_TEXT));
         let s = "a single man — ünïcödé";
