@@ -239,9 +239,8 @@ pub struct BertLayer {
 }
 
 impl BertLayer {
-    /// `x`: `[batch, seq, hidden]`; `mask_bias`: `[batch, 1, 1, seq]` additive (0 or a large
-    /// negative number for padding). Returns `[batch, seq, hidden]`.
-    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+    /// `x`: `[batch, seq, hidden]`; `mask`: the padding mask. Returns `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>, mask: &AttentionMask) -> Tensor<3> {
         let [batch, seq, hidden] = x.dims();
         let head_dim = hidden / self.num_heads;
         let split = |t: Tensor<3>| {
@@ -253,18 +252,35 @@ impl BertLayer {
         let k = split(self.key.forward(x.clone()));
         let v = split(self.value.forward(x.clone()));
 
-        // [batch, heads, seq, seq]
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (head_dim as f64).sqrt());
-        let probs = self
-            .attention_dropout
-            .forward(softmax(scores + mask_bias, 3));
+        let context = match &mask.key_valid {
+            // The fused CPU kernel, with the dropout mask drawn as the composed path would.
+            Some(key_valid) => {
+                let n = batch * self.num_heads * seq * seq;
+                let dropout = self
+                    .attention_dropout
+                    .mask(n, q.is_autodiff())
+                    .map(std::sync::Arc::new);
+                let spec = crate::fused::AttentionSpec {
+                    scale: 1.0 / (head_dim as f32).sqrt(),
+                    causal_past: None,
+                    key_valid: Some(key_valid.clone()),
+                    dropout,
+                };
+                crate::fused::attention(q, k, v, spec)
+            }
+            None => {
+                // [batch, heads, seq, seq]
+                let scores = q
+                    .matmul(k.swap_dims(2, 3))
+                    .mul_scalar(1.0 / (head_dim as f64).sqrt());
+                let probs = self
+                    .attention_dropout
+                    .forward(softmax(scores + mask.bias.clone(), 3));
+                probs.matmul(v)
+            }
+        };
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        let context = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, seq, hidden]);
+        let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
 
         let attended = self
             .hidden_dropout
@@ -275,6 +291,14 @@ impl BertLayer {
         let out = self.hidden_dropout.forward(self.output.forward(inner));
         self.output_norm.forward(out + h)
     }
+}
+
+/// Which keys a layer may attend to: an additive bias `[batch, 1, 1, seq]` (0, or the lowest
+/// f32 for padding) for composed attention, and on the CPU the same as host flags `[batch,
+/// seq]` for the fused kernel.
+pub struct AttentionMask {
+    pub bias: Tensor<4>,
+    pub key_valid: Option<std::sync::Arc<Vec<bool>>>,
 }
 
 /// The encoder: embeddings, `num_hidden_layers` blocks and the [CLS] pooler.
@@ -321,15 +345,29 @@ impl BertModel {
     /// representation `[batch, hidden]`.
     pub fn forward(&self, input: EncoderInput) -> (Tensor<3>, Tensor<2>) {
         let [batch, seq] = input.input_ids.dims();
+        let device = input.input_ids.device();
+        let key_valid = crate::fused::is_fusable(&device).then(|| {
+            let m = input
+                .attention_mask
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .expect("integer mask");
+            std::sync::Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<_>>())
+        });
         // 0 where attended, the lowest f32 where padded: [batch, 1, 1, seq].
-        let mask_bias = (input.attention_mask.float().neg() + 1.0)
-            .mul_scalar(f32::MIN)
-            .reshape([batch, 1, 1, seq]);
+        let mask = AttentionMask {
+            bias: (input.attention_mask.float().neg() + 1.0)
+                .mul_scalar(f32::MIN)
+                .reshape([batch, 1, 1, seq]),
+            key_valid,
+        };
         let mut x = self
             .embeddings
             .forward(input.input_ids, input.token_type_ids);
         for layer in &self.layers {
-            x = layer.forward(x, mask_bias.clone());
+            x = layer.forward(x, &mask);
         }
         let hidden = x.dims()[2];
         let cls = x.clone().narrow(1, 0, 1).reshape([batch, hidden]);

@@ -507,6 +507,7 @@ impl CausalLm {
             scale: 1.0 / (c.head_dim() as f32).sqrt(),
             causal_past: Some(past),
             key_valid: step.key_valid.clone().map(Arc::new),
+            dropout: None,
         };
         let rope = (c.arch == Arch::Llama).then(|| rope_tables(step, c, &device));
         for (i, block) in self.blocks.iter().enumerate() {

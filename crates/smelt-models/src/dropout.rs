@@ -69,6 +69,18 @@ impl Dropout {
         })
     }
 
+    /// The mask [`Dropout::forward`] would multiply a tracked input of `n` elements by
+    /// (taking the next stream number as it does), or `None` when it would be the identity.
+    /// For fused kernels that apply the mask themselves.
+    pub fn mask(&self, n: usize, tracked: bool) -> Option<Vec<f32>> {
+        if self.prob == 0.0 || !self.training.is_enabled() || !tracked {
+            return None;
+        }
+        let stream = STREAM.fetch_add(1, Ordering::SeqCst);
+        let key = splitmix64(SEED.load(Ordering::SeqCst) ^ splitmix64(stream));
+        Some(mask_values(n, self.prob, key))
+    }
+
     /// Any shape in, the same shape out.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         if self.prob == 0.0 || !self.training.is_enabled() || !input.is_autodiff() {

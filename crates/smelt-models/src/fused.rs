@@ -52,6 +52,8 @@ pub struct AttentionSpec {
     pub causal_past: Option<usize>,
     /// Keys that may be attended to, `[b, s]` row-major; `None`: all.
     pub key_valid: Option<Arc<Vec<bool>>>,
+    /// Dropout on the probabilities: a `[b, heads, t, s]` mask of 0 and `1 / (1 - p)`.
+    pub dropout: Option<Arc<Vec<f32>>>,
 }
 
 /// Whether the fused kernels serve tensors on `device` (the CPU, with or without autodiff).
@@ -293,7 +295,14 @@ fn attention_forward(
                     *x *= inv;
                 }
             }
-            mm((t, d, s), p, (s, 1), vh, (d, 1), o, false, 1.0);
+            match &spec.dropout {
+                Some(mask) => {
+                    let m = &mask[bh * t * s..(bh + 1) * t * s];
+                    let dropped: Vec<f32> = p.iter().zip(m).map(|(a, b)| a * b).collect();
+                    mm((t, d, s), &dropped, (s, 1), vh, (d, 1), o, false, 1.0);
+                }
+                None => mm((t, d, s), p, (s, 1), vh, (d, 1), o, false, 1.0),
+            }
         });
     (out, probs)
 }
@@ -304,7 +313,7 @@ fn attention_backward(
     probs: &[f32],
     dout: &[f32],
     sh: &AttnShape,
-    scale: f32,
+    (scale, dropout): (f32, Option<&[f32]>),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let AttnShape {
         b,
@@ -331,10 +340,22 @@ fn attention_backward(
                 let qh = &q[bh * t * d..(bh + 1) * t * d];
                 let ph = &probs[bh * t * s..(bh + 1) * t * s];
                 let doh = &dout[bh * t * d..(bh + 1) * t * d];
-                // dV += Pᵀ · dO
-                mm((s, d, t), ph, (1, s), doh, (d, 1), dv, g > 0, 1.0);
-                // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
+                let mask = dropout.map(|m| &m[bh * t * s..(bh + 1) * t * s]);
+                // dV += (P ⊙ M)ᵀ · dO
+                match mask {
+                    Some(m) => {
+                        let dropped: Vec<f32> = ph.iter().zip(m).map(|(a, b)| a * b).collect();
+                        mm((s, d, t), &dropped, (1, s), doh, (d, 1), dv, g > 0, 1.0);
+                    }
+                    None => mm((s, d, t), ph, (1, s), doh, (d, 1), dv, g > 0, 1.0),
+                }
+                // dP = (dO · Vᵀ) ⊙ M, then dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
                 mm((t, s, d), doh, (d, 1), vh, (1, d), &mut dp, false, 1.0);
+                if let Some(m) = mask {
+                    for (x, &mj) in dp.iter_mut().zip(m) {
+                        *x *= mj;
+                    }
+                }
                 for i in 0..t {
                     let p = &ph[i * s..(i + 1) * s];
                     let row = &mut dp[i * s..(i + 1) * s];
@@ -450,6 +471,7 @@ impl FusedBackend for Flex {
 #[derive(Debug)]
 struct AttentionBackward {
     scale: f32,
+    dropout: Option<Arc<Vec<f32>>>,
 }
 
 impl Backward<Flex, 3> for AttentionBackward {
@@ -469,7 +491,13 @@ impl Backward<Flex, 3> for AttentionBackward {
         let (q, k, v, qs, ks, probs) = ops.state;
         let (dout, _) = host(dout);
         let sh = AttnShape::of(&qs, &ks);
-        let (dq, dk, dv) = attention_backward((&q, &k, &v), &probs, &dout, &sh, self.scale);
+        let (dq, dk, dv) = attention_backward(
+            (&q, &k, &v),
+            &probs,
+            &dout,
+            &sh,
+            (self.scale, self.dropout.as_deref().map(Vec::as_slice)),
+        );
         if let Some(node) = qn {
             grads.register::<Flex>(node.id, flex(dq, qs));
         }
@@ -604,7 +632,10 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
         v: FloatTensor<Self>,
         spec: AttentionSpec,
     ) -> FloatTensor<Self> {
-        let op = AttentionBackward { scale: spec.scale };
+        let op = AttentionBackward {
+            scale: spec.scale,
+            dropout: spec.dropout.clone(),
+        };
         match op
             .prepare::<C>([q.node(), k.node(), v.node()])
             .compute_bound()
@@ -749,7 +780,18 @@ mod tests {
         }
         let mask = Tensor::<4>::from_data(TensorData::new(mask, [b, 1, t, s]), &q.device());
         let scores = q.matmul(repeat(k).swap_dims(2, 3)) * spec.scale as f64 + mask;
-        burn::tensor::activation::softmax(scores, 3).matmul(repeat(v))
+        let probs = burn::tensor::activation::softmax(scores, 3);
+        let probs = match &spec.dropout {
+            Some(m) => {
+                let m = Tensor::<4>::from_data(
+                    TensorData::new(m.to_vec(), [b, heads, t, s]),
+                    &probs.device(),
+                );
+                probs * m
+            }
+            None => probs,
+        };
+        probs.matmul(repeat(v))
     }
 
     #[test]
@@ -760,22 +802,23 @@ mod tests {
         let mut key_valid = vec![true; b * s];
         key_valid[0] = false; // a left-padded first row
         key_valid[1] = false;
-        let spec = AttentionSpec {
+        let mut spec = AttentionSpec {
             scale: 1.0 / (d as f32).sqrt(),
             causal_past: Some(past),
             key_valid: Some(Arc::new(key_valid)),
+            dropout: None,
         };
         let tensor = |n: usize, seed: f32, shape: [usize; 4]| {
             Tensor::<4>::from_data(TensorData::new(values(n, seed), shape), &device).require_grad()
         };
-        let run = |fused: bool| {
+        let run = |fused: bool, spec: &AttentionSpec| {
             let q = tensor(b * heads * t * d, 1.0, [b, heads, t, d]);
             let k = tensor(b * kv_heads * s * d, 2.0, [b, kv_heads, s, d]);
             let v = tensor(b * kv_heads * s * d, 3.0, [b, kv_heads, s, d]);
             let o = if fused {
                 attention(q.clone(), k.clone(), v.clone(), spec.clone())
             } else {
-                composed_attention(q.clone(), k.clone(), v.clone(), &spec)
+                composed_attention(q.clone(), k.clone(), v.clone(), spec)
             };
             let w = Tensor::<4>::from_data(
                 TensorData::new(values(b * heads * t * d, 5.0), [b, heads, t, d]),
@@ -790,10 +833,22 @@ mod tests {
                 v4(v.grad(&grads).unwrap()),
             ]
         };
-        let (a, c) = (run(true), run(false));
+        let (a, c) = (run(true, &spec), run(false, &spec));
         for (name, (x, y)) in ["output", "dq", "dk", "dv"].iter().zip(a.iter().zip(&c)) {
             for (p, q) in x.iter().zip(y) {
                 assert!((p - q).abs() < 2e-5, "{name}: {p} vs {q}");
+            }
+        }
+        // With dropout on the probabilities, and without the causal mask (BERT's case).
+        let mask: Vec<f32> = (0..b * heads * t * s)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.0 / 0.9 })
+            .collect();
+        spec.dropout = Some(Arc::new(mask));
+        spec.causal_past = None;
+        let (a, c) = (run(true, &spec), run(false, &spec));
+        for (name, (x, y)) in ["output", "dq", "dk", "dv"].iter().zip(a.iter().zip(&c)) {
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() < 2e-5, "dropout {name}: {p} vs {q}");
             }
         }
     }
