@@ -92,8 +92,13 @@ fn main() {
         }
         other => panic!("SMELT_BENCH_MODE={other}: expected lora or scratch"),
     };
-    let (blocks, _) =
-        text_blocks(&[austen.join("persuasion.txt")], &tokenizer, seq).expect("text tokenizes");
+    let (blocks, _) = text_blocks(
+        &[austen.join("persuasion.txt")],
+        &tokenizer,
+        seq,
+        model.config.vocab_size,
+    )
+    .expect("text tokenizes");
     let c = model.config.clone();
     // Matrix FLOPs per token: 6 per weight of the projections and the output layer for full
     // training; with a frozen base, 4 (forward and the gradient of the input, no weight

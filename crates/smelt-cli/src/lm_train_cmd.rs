@@ -119,6 +119,9 @@ pub fn train(a: LmTrainArgs, device: &Device) -> Result<()> {
             targets: a.lora_targets.clone(),
         })
     } else {
+        if a.lora_alpha.is_some() || !a.lora_targets.is_empty() {
+            bail!("--lora-alpha and --lora-targets configure LoRA; add --lora-rank N");
+        }
         Mode::Full
     };
     let mode = match mode {

@@ -284,6 +284,21 @@ fn bad_training_input_is_named() {
         "--sample-tokens",
         "0",
     ]);
+    fails_with(
+        &[
+            "lm",
+            "train",
+            "--model",
+            s(&tiny),
+            "--train",
+            s(&fine),
+            "--lora-targets",
+            "c_fc",
+            "--out",
+            s(&tmp.path().join("norank")),
+        ],
+        "add --lora-rank N",
+    );
     let foreign = tmp.path().join("foreign");
     ok(&[
         "lm",

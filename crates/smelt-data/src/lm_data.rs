@@ -142,11 +142,12 @@ pub struct Tokenized {
 /// Tokenizes examples: prompt (with BOS when the tokenizer adds one), then completion and
 /// EOS; chats rendered with the tokenizer's chat template. A prompt that leaves no room for
 /// a completion token within `max_length` is an error naming the line; a completion that
-/// runs past it is cut (and counted).
+/// runs past it is cut (and counted). Every id must be below `vocab_size` (the model's).
 pub fn tokenize_lm(
     records: &[LmRecord],
     tokenizer: &LmTokenizer,
     max_length: usize,
+    vocab_size: usize,
     path: &Path,
 ) -> Result<Tokenized> {
     let mut sequences = Vec::with_capacity(records.len());
@@ -205,6 +206,13 @@ pub fn tokenize_lm(
         if completion.is_empty() {
             return Err(bad("the completion has no tokens".into()));
         }
+        if let Some(&id) = prompt
+            .iter()
+            .chain(&completion)
+            .find(|&&i| i as usize >= vocab_size)
+        {
+            return Err(bad(out_of_vocabulary(tokenizer, id, vocab_size)));
+        }
         let mut ids = prompt;
         // The first target is the first completion token; a sequence needs one input before it.
         let target_from = ids.len().max(1);
@@ -226,13 +234,23 @@ pub fn tokenize_lm(
     })
 }
 
+fn out_of_vocabulary(tokenizer: &LmTokenizer, id: u32, vocab_size: usize) -> String {
+    format!(
+        "token id {id} (`{}`) is outside the model's vocabulary of {vocab_size} tokens (an \
+         added token of the tokenizer that the model has no row for)",
+        tokenizer.id_to_token(id).unwrap_or_default()
+    )
+}
+
 /// Plain text files, tokenized and concatenated (an EOS between files when the tokenizer has
 /// one) and cut into consecutive blocks of `block + 1` tokens overlapping by one: each block
-/// gives `block` next-token predictions. The tail shorter than a block is dropped.
+/// gives `block` next-token predictions. The tail shorter than a block is dropped. Every id
+/// must be below `vocab_size`.
 pub fn text_blocks(
     files: &[PathBuf],
     tokenizer: &LmTokenizer,
     block: usize,
+    vocab_size: usize,
 ) -> Result<(Vec<LmSequence>, usize)> {
     let mut ids = Vec::new();
     for path in files {
@@ -254,8 +272,14 @@ pub fn text_blocks(
                 path: path.clone(),
                 message: e.to_string(),
             })?;
+        if let Some(&bad) = encoded.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(DataError::Tokenizer {
+                path: path.clone(),
+                message: out_of_vocabulary(tokenizer, bad, vocab_size),
+            });
+        }
         ids.extend(encoded);
-        if let Some(eos) = tokenizer.eos {
+        if let Some(eos) = tokenizer.eos.filter(|&e| (e as usize) < vocab_size) {
             ids.push(eos);
         }
     }
@@ -386,6 +410,30 @@ mod tests {
             read_lm_jsonl(f.path()),
             Err(DataError::Empty { .. })
         ));
+    }
+
+    #[test]
+    fn tokens_beyond_the_models_vocabulary_are_named() {
+        let tok = crate::assets::locate("models/gpt2-tokenizer").expect("gpt2 tokenizer asset");
+        let tokenizer = LmTokenizer::from_hf(&tok.join("tokenizer.json")).unwrap();
+        let f = file("{\"prompt\": \"a\", \"completion\": \"b <|startoftranscript|>\"}\n");
+        let records = read_lm_jsonl(f.path()).unwrap();
+        let e = tokenize_lm(&records, &tokenizer, 64, 50257, f.path())
+            .err()
+            .expect("an id beyond the vocabulary")
+            .to_string();
+        assert!(
+            e.contains("line 1: token id 50257 (`<|startoftranscript|>`) is outside the model's vocabulary of 50257"),
+            "{e}"
+        );
+        let ok = tokenize_lm(&records, &tokenizer, 64, 60000, f.path()).unwrap();
+        assert_eq!(ok.sequences.len(), 1);
+        let seq = &ok.sequences[0];
+        assert_eq!(
+            seq.ids[..seq.target_from],
+            tokenizer.encode("a", false).unwrap()[..]
+        );
+        assert_eq!(seq.ids.last().copied(), tokenizer.eos);
     }
 
     #[test]

@@ -6,9 +6,12 @@
 //! - [`swiglu`]: Llama's `silu(gate) * up` with both input gradients in one pass;
 //! - [`cross_entropy`]: the mean next-token loss over a `[n, vocab]` logit matrix, computed
 //!   row by row with a running log-sum-exp; its gradient `softmax - onehot` is written in one
-//!   pass, never materialising the log-probabilities.
+//!   pass, never materialising the log-probabilities;
+//! - [`attention`]: scaled dot-product attention per head (causal and key-padding masks
+//!   applied on the fly, grouped-query heads, optional dropout on the probabilities), its
+//!   backward pass working from the stored probabilities.
 //!
-//! Both are burn backend extensions for the CPU backend and autodiff over it. On other
+//! All are burn backend extensions for the CPU backend and autodiff over it. On other
 //! devices the callers use the composed tensor operations instead ([`is_fusable`]).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -80,7 +83,7 @@ const CHUNK: usize = 1 << 14;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044_715;
 
-/// `e^x` for f32, accurate to about 2 ulp over the range where it is finite; written so that
+/// `e^x` for f32, within a few ulp (relative error below 5e-7) where it is finite; written so that
 /// loops over slices vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {

@@ -312,10 +312,21 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 pub fn load_adapter(model: CausalLm, dir: &Path) -> Result<(CausalLm, LoraConfig)> {
     let config = read_adapter_config(dir)?;
     let arch = model.config.arch;
-    config.validate(arch).map_err(|e| ModelError::Config {
-        path: dir.join(ADAPTER_CONFIG),
-        field: "target_modules".into(),
-        message: format!("{e}: the adapter was trained for a different base model"),
+    config.validate(arch).map_err(|e| {
+        let message = e.to_string();
+        let (field, message) = if message.contains("target modules") {
+            (
+                "target_modules",
+                format!("{message}: the adapter was trained for a different base model"),
+            )
+        } else {
+            ("r, lora_alpha or lora_dropout", message)
+        };
+        ModelError::Config {
+            path: dir.join(ADAPTER_CONFIG),
+            field: field.into(),
+            message,
+        }
     })?;
     let path = dir.join(ADAPTER_WEIGHTS);
     let file = WeightFile::open(&path)?;

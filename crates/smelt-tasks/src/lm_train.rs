@@ -218,6 +218,11 @@ fn batch_loss(model: &CausalLm, packed: &Packed, device: &Device) -> Result<Tens
 /// Mean next-token loss over the completion tokens of `seqs` as one right-padded batch
 /// (what one training micro-batch computes), tracked for gradients on an autodiff device.
 pub fn sequence_loss(model: &CausalLm, seqs: &[LmSequence], pad: u32) -> Result<Tensor<1>> {
+    if seqs.is_empty() || seqs.iter().any(|s| s.targets() == 0 || s.target_from == 0) {
+        return Err(TaskError::Invalid(
+            "a loss needs sequences with at least one target after one input token".into(),
+        ));
+    }
     let all: Vec<usize> = (0..seqs.len()).collect();
     batch_loss(model, &pack(seqs, &all, pad), &model.device())
 }
@@ -494,6 +499,7 @@ pub fn train(options: &LmTrainOptions, resume: bool, device: &Device) -> Result<
         }
     };
     let context = model.config.context;
+    let vocab = model.config.vocab_size;
     let max_length = options.max_length.unwrap_or(context);
     if max_length > context || max_length < 2 {
         return Err(TaskError::Invalid(format!(
@@ -504,12 +510,12 @@ pub fn train(options: &LmTrainOptions, resume: bool, device: &Device) -> Result<
     // Data.
     let (train, valid, truncated) = match &options.mode {
         Mode::Scratch(_) => {
-            let (train, tokens) = text_blocks(&options.train_files, &tokenizer, max_length)?;
+            let (train, tokens) = text_blocks(&options.train_files, &tokenizer, max_length, vocab)?;
             let valid_files: Vec<PathBuf> = options.valid_file.iter().cloned().collect();
             let valid = if valid_files.is_empty() {
                 None
             } else {
-                Some(text_blocks(&valid_files, &tokenizer, max_length)?.0)
+                Some(text_blocks(&valid_files, &tokenizer, max_length, vocab)?.0)
             };
             tracing::info!("{tokens} training tokens in {} blocks", train.len());
             (train, valid, 0)
@@ -518,13 +524,13 @@ pub fn train(options: &LmTrainOptions, resume: bool, device: &Device) -> Result<
             let mut train = Vec::new();
             let mut truncated = 0;
             for f in &options.train_files {
-                let t = tokenize_lm(&read_lm_jsonl(f)?, &tokenizer, max_length, f)?;
+                let t = tokenize_lm(&read_lm_jsonl(f)?, &tokenizer, max_length, vocab, f)?;
                 truncated += t.truncated;
                 train.extend(t.sequences);
             }
             let valid = match &options.valid_file {
                 Some(f) => {
-                    let t = tokenize_lm(&read_lm_jsonl(f)?, &tokenizer, max_length, f)?;
+                    let t = tokenize_lm(&read_lm_jsonl(f)?, &tokenizer, max_length, vocab, f)?;
                     truncated += t.truncated;
                     Some(t.sequences)
                 }
@@ -567,7 +573,7 @@ pub fn train(options: &LmTrainOptions, resume: bool, device: &Device) -> Result<
     let run_config =
         serde_json::to_value(options).map_err(|e| TaskError::Invalid(e.to_string()))?;
     let fingerprint = fingerprint(options)?;
-    let pad = tokenizer.eos.unwrap_or(0);
+    let pad = tokenizer.eos.filter(|&e| (e as usize) < vocab).unwrap_or(0);
     let task = LmTask {
         options,
         device: ad_device,
@@ -712,6 +718,15 @@ pub fn merge(
                     }
                     None => hf,
                 };
+                if merged_type.row_bytes(cols).is_none() {
+                    return Err(TaskError::Invalid(format!(
+                        "cannot encode {} as {}: its width {cols} is not a multiple of the \
+                         block size {}",
+                        info.name,
+                        merged_type.name(),
+                        merged_type.block_size()
+                    )));
+                }
                 let data = match merged_type {
                     GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
                     ty => quantize(ty, &values).ok_or_else(|| {
