@@ -71,6 +71,9 @@ def main():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     adapter_dir = os.path.join(args.out, "smollm2-lora")
     peft_model.save_pretrained(adapter_dir)
+    card = os.path.join(adapter_dir, "README.md")  # peft's generated model card
+    if os.path.exists(card):
+        os.remove(card)
 
     rows = []
     for prompt, completion in PAIRS:
