@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bpe_train;
 pub mod error;
 pub mod examples;
+pub mod idx;
 pub mod lm_data;
 pub mod lm_tokenizer;
 pub mod table;
