@@ -13,42 +13,18 @@ use smelt_train::optim::{AdamW, AdamWConfig};
 use std::time::Instant;
 
 // The same allocator as the `smelt` binary.
+#[path = "common.rs"]
+mod common;
+use common::{keep_freed_memory, peak_rss_mb};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// As in the `smelt` binary: mimalloc's `mi_option_purge_delay` (position 15 of `mi_option_e` in mimalloc.h).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keeps freed memory mapped: training frees and reallocates the same large buffers every
-/// step, and returning them to the kernel makes it zero fresh pages each time (measured at a
-/// quarter of a MiniLM step).
-fn keep_freed_memory() {
-    // SAFETY: setting an allocator option is a plain store inside mimalloc.
-    unsafe {
-        libmimalloc_sys::mi_option_set(6, 0); // mi_option_allow_large_os_pages
-        libmimalloc_sys::mi_option_set(43, 0); // mi_option_allow_thp (mimalloc v3)
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-    }
-}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn main() {

@@ -21,30 +21,15 @@ use smelt_train::grads::GradStore;
 use smelt_train::optim::{AdamW, AdamWConfig};
 use std::time::Instant;
 
+#[path = "common.rs"]
+mod common;
+use common::{keep_freed_memory, peak_rss_mb};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn main() {
-    // Allocator options as the smelt binary sets them (mimalloc v3 positions): no large OS
-    // pages, no transparent huge pages, freed memory kept.
-    unsafe {
-        libmimalloc_sys::mi_option_set(6, 0);
-        libmimalloc_sys::mi_option_set(43, 0);
-        libmimalloc_sys::mi_option_set(15, -1);
-    }
+    keep_freed_memory();
     let mode = std::env::var("SMELT_BENCH_MODE").unwrap_or_else(|_| "lora".into());
     let steps: usize = std::env::var("SMELT_BENCH_STEPS")
         .ok()

@@ -124,14 +124,6 @@ pub fn train(a: LmTrainArgs, device: &Device) -> Result<()> {
         }
         Mode::Full
     };
-    let mode = match mode {
-        Mode::Lora(mut l) if l.targets.is_empty() => {
-            let arch = smelt_tasks::lm::model_arch(a.model.as_deref().context("--model")?)?;
-            l.targets = smelt_models::lora::default_targets(arch);
-            Mode::Lora(l)
-        }
-        other => other,
-    };
     let lr = a.lr.unwrap_or(match mode {
         Mode::Lora(_) => 2e-4,
         Mode::Full => 5e-5,
@@ -336,7 +328,7 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 let read = smelt_data::lm_data::chatterbot_pairs(f)?;
                 for c in &read.skipped {
                     tracing::warn!(
-                        "{}: conversation {c} is not a list of turns; skipped",
+                        "{}: conversation {c} is not a list of text turns; skipped",
                         f.display()
                     );
                 }

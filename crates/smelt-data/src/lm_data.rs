@@ -299,7 +299,7 @@ pub fn text_blocks(
 /// Exchanges read from one chatterbot file.
 pub struct ChatterbotFile {
     pub pairs: Vec<(String, String)>,
-    /// 1-based numbers of conversations that are not lists of turns (skipped).
+    /// 1-based numbers of conversations that are not lists of text turns (skipped).
     pub skipped: Vec<usize>,
 }
 
@@ -330,15 +330,20 @@ pub fn chatterbot_pairs(path: &Path) -> Result<ChatterbotFile> {
             skipped.push(i + 1);
             continue;
         };
-        let texts: Vec<String> = turns
+        let texts: Option<Vec<String>> = turns
             .iter()
             .map(|t| match t {
-                serde_yaml_ng::Value::String(s) => s.trim().to_string(),
-                serde_yaml_ng::Value::Number(n) => n.to_string(),
-                serde_yaml_ng::Value::Bool(b) => b.to_string(),
-                _ => String::new(),
+                serde_yaml_ng::Value::String(s) => Some(s.trim().to_string()),
+                serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
+                serde_yaml_ng::Value::Bool(b) => Some(b.to_string()),
+                _ => None,
             })
             .collect();
+        // A turn that is a list or a mapping is not text: the conversation is reported.
+        let Some(texts) = texts else {
+            skipped.push(i + 1);
+            continue;
+        };
         for w in texts.windows(2) {
             if !w[0].is_empty() && !w[1].is_empty() {
                 out.push((w[0].clone(), w[1].clone()));
@@ -441,7 +446,7 @@ mod tests {
         let mut f = tempfile::Builder::new().suffix(".yml").tempfile().unwrap();
         f.write_all(
             b"categories:\n- x\nconversations:\n- - Hello\n  - Hi there\n  - How are you?\n\
-              - not a list - 'oops'\n- - |\n    multi\n    line\n  - 42\n",
+              - not a list - 'oops'\n- - |\n    multi\n    line\n  - 42\n- - a: b\n  - c\n",
         )
         .unwrap();
         let r = chatterbot_pairs(f.path()).unwrap();
@@ -453,7 +458,7 @@ mod tests {
                 ("multi\nline".to_string(), "42".to_string()),
             ]
         );
-        assert_eq!(r.skipped, vec![2]);
+        assert_eq!(r.skipped, vec![2, 4]);
         let f = file("\n\n");
         assert!(matches!(
             read_lm_jsonl(f.path()),

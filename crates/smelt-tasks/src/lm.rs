@@ -1170,13 +1170,3 @@ mod tests {
         assert_eq!(draw_shots(&examples, &labels, 3, false, 5).len(), 3);
     }
 }
-
-/// The architecture of a checkpoint, read from its config without loading the weights.
-pub fn model_arch(path: &Path) -> Result<smelt_models::causal::Arch> {
-    if path.is_dir() {
-        Ok(smelt_models::causal::hf_config(&path.join("config.json"))?.arch)
-    } else {
-        let file = GgufFile::open(path)?;
-        Ok(smelt_models::causal::gguf_config(&file)?.arch)
-    }
-}

@@ -6,8 +6,6 @@ use crate::error::{Result, TaskError};
 use crate::lm::LanguageModel;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use smelt_data::batch::{epoch_batches, inference_batches, Batching};
@@ -104,16 +102,22 @@ pub struct LoraOptions {
     pub rank: usize,
     pub alpha: f64,
     pub dropout: f64,
+    /// PEFT module names; empty for the architecture's defaults.
     pub targets: Vec<String>,
 }
 
 impl LoraOptions {
-    fn config(&self) -> LoraConfig {
+    /// The adapter configuration; no targets means the architecture's defaults.
+    fn config(&self, arch: Arch) -> LoraConfig {
         LoraConfig {
             rank: self.rank,
             alpha: self.alpha,
             dropout: self.dropout,
-            targets: self.targets.clone(),
+            targets: if self.targets.is_empty() {
+                lora::default_targets(arch)
+            } else {
+                self.targets.clone()
+            },
         }
     }
 }
@@ -302,7 +306,7 @@ impl Task for LmTask<'_> {
                     .base
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
-                lora::save_adapter(model, &l.config(), &base, dir)?;
+                lora::save_adapter(model, &l.config(model.config.arch), &base, dir)?;
             }
             Mode::Full | Mode::Scratch(_) => save_hf(model, &self.tokenizer, dir)?,
         }
@@ -377,40 +381,29 @@ fn sample(
     if ids.is_empty() {
         ids = tokenizer.eos.into_iter().collect();
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut sampler = crate::lm::Sampler::new(crate::lm::Sampling {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        seed,
+    });
     let mut cache = KvCache::new();
     let start = ids.len();
     let mut next = ids.clone();
-    let context = model.config.context;
     for _ in 0..tokens {
-        if cache.len() + next.len() > context {
+        if cache.len() + next.len() > model.config.context {
             break;
         }
         let logits = model.last_logits(&Step::single(&next, cache.len()), &mut cache)?;
         let mut row = tensor_to_vec(logits)?;
-        let mut order: Vec<usize> = (0..row.len()).collect();
-        order.sort_unstable_by(|&a, &b| row[b].total_cmp(&row[a]));
-        order.truncate(40);
-        let top = row[order[0]];
-        let weights: Vec<f64> = order
-            .iter()
-            .map(|&i| (((row[i] - top) / 0.8) as f64).exp())
-            .collect();
-        let mut pick = rng.random::<f64>() * weights.iter().sum::<f64>();
-        let mut id = order[0];
-        for (&i, w) in order.iter().zip(&weights) {
-            if pick < *w {
-                id = i;
-                break;
-            }
-            pick -= w;
-        }
-        row.clear();
-        if tokenizer.stop_ids.contains(&(id as u32)) {
+        let id = sampler.sample(&mut row, &ids);
+        if tokenizer.stop_ids.contains(&id) {
             break;
         }
-        ids.push(id as u32);
-        next = vec![id as u32];
+        ids.push(id);
+        next = vec![id];
     }
     Ok(tokenizer.decode(&ids[start..], true)?)
 }
@@ -482,7 +475,10 @@ pub fn train(options: &LmTrainOptions, resume: bool, device: &Device) -> Result<
         (mode, Some(path)) => {
             let lm = LanguageModel::load(path, options.tokenizer.as_deref(), &ad_device)?;
             let model = match mode {
-                Mode::Lora(l) => lora::attach(lm.model, &l.config(), options.training.seed)?,
+                Mode::Lora(l) => {
+                    let config = l.config(lm.model.config.arch);
+                    lora::attach(lm.model, &config, options.training.seed)?
+                }
                 _ => {
                     let quantized = lm.model.storage_summary().iter().any(|(t, _)| t != "F32");
                     if quantized {
