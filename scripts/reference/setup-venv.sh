@@ -39,7 +39,7 @@ python="$dir_abs/bin/python"
 check_env() {
     "$python" - "$TORCH_VERSION" "$TRANSFORMERS_VERSION" <<'EOF' >/dev/null 2>&1
 import sys
-import numpy, safetensors, torch, transformers, gguf, accelerate, peft
+import numpy, safetensors, torch, transformers, gguf, accelerate, peft, PIL
 want_torch, want_transformers = sys.argv[1], sys.argv[2]
 assert torch.__version__.split("+")[0] == want_torch, torch.__version__
 assert transformers.__version__ == want_transformers, transformers.__version__
@@ -62,7 +62,7 @@ fi
     "transformers==$TRANSFORMERS_VERSION" \
     safetensors \
     numpy \
-    gguf accelerate peft >&2
+    gguf accelerate peft pillow >&2
 
 if ! check_env; then
     echo "error: $python cannot import torch $TORCH_VERSION, transformers $TRANSFORMERS_VERSION," \

@@ -121,41 +121,7 @@ impl BertConfig {
                 ));
             }
         }
-        let id2label = match raw.get("id2label") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(map)) => {
-                if map.len() < 2 {
-                    return Err(err("id2label", "needs at least 2 classes".into()));
-                }
-                let mut labels: Vec<Option<String>> = vec![None; map.len()];
-                for (k, v) in map {
-                    let index: usize = k
-                        .parse()
-                        .ok()
-                        .filter(|i: &usize| *i < map.len() && i.to_string() == *k)
-                        .ok_or_else(|| {
-                            err(
-                                "id2label",
-                                format!("bad class index `{k}`: expected 0..{}", map.len()),
-                            )
-                        })?;
-                    let name = v
-                        .as_str()
-                        .ok_or_else(|| err("id2label", format!("label {k} is not a string")))?;
-                    if labels.iter().flatten().any(|l| l == name) {
-                        return Err(err("id2label", format!("label `{name}` appears twice")));
-                    }
-                    labels[index] = Some(name.to_string());
-                }
-                Some(labels.into_iter().map(|l| l.unwrap_or_default()).collect())
-            }
-            Some(other) => {
-                return Err(err(
-                    "id2label",
-                    format!("expected an object, found {other}"),
-                ))
-            }
-        };
+        let id2label = id2label_of(path, &raw)?;
         let classifier_dropout = match raw.get("classifier_dropout") {
             None | Some(Value::Null) => None,
             Some(_) => Some(prob("classifier_dropout", 0.0)?),
@@ -192,6 +158,66 @@ impl BertConfig {
         self.classifier_dropout = Some(0.0);
         self
     }
+}
+
+/// Class names by index from a config's `id2label` object (`None` when absent); the keys must
+/// be exactly `0..n`, the names distinct, and there must be at least two.
+pub fn id2label_of(path: &Path, raw: &Map<String, Value>) -> Result<Option<Vec<String>>> {
+    let err = |field: &str, message: String| ModelError::Config {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        message,
+    };
+    Ok(match raw.get("id2label") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => {
+            if map.len() < 2 {
+                return Err(err("id2label", "needs at least 2 classes".into()));
+            }
+            let mut labels: Vec<Option<String>> = vec![None; map.len()];
+            for (k, v) in map {
+                let index: usize = k
+                    .parse()
+                    .ok()
+                    .filter(|i: &usize| *i < map.len() && i.to_string() == *k)
+                    .ok_or_else(|| {
+                        err(
+                            "id2label",
+                            format!("bad class index `{k}`: expected 0..{}", map.len()),
+                        )
+                    })?;
+                let name = v
+                    .as_str()
+                    .ok_or_else(|| err("id2label", format!("label {k} is not a string")))?;
+                if labels.iter().flatten().any(|l| l == name) {
+                    return Err(err("id2label", format!("label `{name}` appears twice")));
+                }
+                labels[index] = Some(name.to_string());
+            }
+            Some(labels.into_iter().map(|l| l.unwrap_or_default()).collect())
+        }
+        Some(other) => {
+            return Err(err(
+                "id2label",
+                format!("expected an object, found {other}"),
+            ))
+        }
+    })
+}
+
+/// `id2label` and `label2id` objects for `labels`, as Hugging Face configs hold them.
+pub fn label_maps(labels: &[String]) -> (Value, Value) {
+    let id2label: Map<String, Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), Value::String(l.clone())))
+        .collect();
+    let label2id: Map<String, Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), Value::from(i)))
+        .collect();
+    (Value::Object(id2label), Value::Object(label2id))
 }
 
 /// Token, position and token-type embeddings followed by LayerNorm and dropout.
@@ -578,23 +604,14 @@ impl BertClassifier {
 /// Writes a `BertForSequenceClassification` `config.json` for `labels`.
 pub fn classifier_config_json(config: &BertConfig, labels: &[String]) -> Value {
     let mut raw = config.raw.clone();
-    let id2label: Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), Value::String(l.clone())))
-        .collect();
-    let label2id: Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.clone(), Value::from(i)))
-        .collect();
+    let (id2label, label2id) = label_maps(labels);
     raw.insert(
         "architectures".into(),
         Value::from(vec!["BertForSequenceClassification"]),
     );
     raw.insert("model_type".into(), Value::from("bert"));
-    raw.insert("id2label".into(), Value::Object(id2label));
-    raw.insert("label2id".into(), Value::Object(label2id));
+    raw.insert("id2label".into(), id2label);
+    raw.insert("label2id".into(), label2id);
     raw.insert("num_labels".into(), Value::from(labels.len()));
     raw.insert(
         "problem_type".into(),

@@ -16,6 +16,7 @@ pub mod lora;
 pub mod qop;
 pub mod quant;
 pub mod team;
+pub mod vit;
 pub mod weights;
 
 pub use burn;

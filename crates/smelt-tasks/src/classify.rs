@@ -217,14 +217,14 @@ pub fn score(logits: &[Vec<f32>], truth: &[i64], classes: usize) -> (f64, ClassM
 }
 
 /// Softmax of one row of logits, computed stably on the host.
-fn softmax_row(row: &[f32]) -> Vec<f32> {
+pub(crate) fn softmax_row(row: &[f32]) -> Vec<f32> {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
     let total: f32 = exps.iter().sum();
     exps.into_iter().map(|e| e / total).collect()
 }
 
-fn argmax(row: &[f32]) -> usize {
+pub(crate) fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
@@ -237,7 +237,7 @@ fn argmax(row: &[f32]) -> usize {
         .0
 }
 
-fn metrics_record(loss: f64, m: &ClassMetrics, labels: &[String]) -> Map<String, Value> {
+pub(crate) fn metrics_record(loss: f64, m: &ClassMetrics, labels: &[String]) -> Map<String, Value> {
     let per_class: Map<String, Value> = labels
         .iter()
         .enumerate()

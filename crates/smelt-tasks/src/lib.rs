@@ -5,5 +5,6 @@ pub mod error;
 pub mod lm;
 pub mod lm_train;
 pub mod model_dir;
+pub mod vision;
 
 pub use error::{Result, TaskError};
