@@ -8,7 +8,7 @@ train-labels-idx1-ubyte, each gzipped (.gz) or not. Run it with the environment 
 scripts/reference/setup-venv.sh.
 
 The model is a new `transformers.ViTForImageClassification` (by default image 28x28, patch
-4, one channel, width 128, 6 layers, 4 heads, MLP 256, exact GELU, LayerNorm eps 1e-12, no
+4, one channel, width 64, 6 layers, 4 heads, MLP 128, exact GELU, LayerNorm eps 1e-12, no
 dropout, 10 classes) built after torch.manual_seed(0), in train mode. Each step is the
 forward pass with labels (so the model computes the mean cross-entropy itself), backward,
 clipping the gradients to norm 1, an AdamW update (lr 1e-3, weight decay 0.05 on every
@@ -53,10 +53,10 @@ def parse_args():
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--patch", type=int, default=4)
     ap.add_argument("--channels", type=int, default=1, help="the gray channel is repeated")
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--mlp", type=int, default=256)
+    ap.add_argument("--mlp", type=int, default=128)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 mod lm_cmd;
 mod lm_train_cmd;
+mod vision_cmd;
 
 // Tensors are large and short-lived; mimalloc keeps freed pages for reuse instead of handing
 // them back to the kernel and faulting them in again on the next step.
@@ -62,6 +63,9 @@ enum Command {
     /// Causal language models (GGUF or Hugging Face): generate, chat, few-shot, perplexity.
     #[command(subcommand)]
     Lm(lm_cmd::LmCommand),
+    /// Image models (ViT): train, contrastive pretraining, linear probes, eval, predict.
+    #[command(subcommand)]
+    Vision(vision_cmd::VisionCommand),
     /// Tokenizers: train a byte-level BPE vocabulary.
     #[command(subcommand)]
     Tokenizer(lm_train_cmd::TokenizerCommand),
@@ -274,6 +278,10 @@ fn run(cli: Cli) -> Result<()> {
             let device = smelt_models::device::parse_device(&cli.device)?;
             lm_cmd::run(cmd, &device)
         }
+        Command::Vision(cmd) => {
+            let device = smelt_models::device::parse_device(&cli.device)?;
+            vision_cmd::run(cmd, &device)
+        }
         Command::Inspect { path } => lm_cmd::inspect(&path),
         Command::Tokenizer(cmd) => lm_train_cmd::tokenizer(cmd),
         Command::Data(cmd) => lm_train_cmd::data(cmd),
@@ -440,7 +448,7 @@ fn classify_cmd(cmd: ClassifyCommand, device: &smelt_models::device::Device) -> 
     }
 }
 
-fn print_eval(report: &serde_json::Value) {
+pub(crate) fn print_eval(report: &serde_json::Value) {
     let get = |k: &str| report.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
     println!(
         "examples {}  accuracy {:.4}  macro-F1 {:.4}  loss {:.4}",

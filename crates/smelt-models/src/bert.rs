@@ -11,7 +11,7 @@ use crate::init::HostInit;
 use crate::layers::{Dense, Norm};
 use crate::weights::{NamedTensor, WeightFile};
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, log_softmax, softmax};
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -313,7 +313,7 @@ impl BertLayer {
             .forward(self.attention_output.forward(context));
         let h = self.attention_norm.forward(attended + x);
 
-        let inner = gelu(self.intermediate.forward(h.clone()));
+        let inner = crate::fused::gelu_erf(self.intermediate.forward(h.clone()));
         let out = self.hidden_dropout.forward(self.output.forward(inner));
         self.output_norm.forward(out + h)
     }

@@ -3,6 +3,9 @@
 //!
 //! - [`gelu_tanh`]: GPT-2's GELU in one pass forward and one backward (instead of about ten
 //!   full-size temporaries each way);
+//! - [`gelu_erf`]: the exact GELU of BERT and ViT, with a vectorisable erf;
+//! - [`layer_norm`]: one pass per row forward (keeping each row's mean and inverse deviation)
+//!   and one backward for the input, scale and shift gradients together;
 //! - [`swiglu`]: Llama's `silu(gate) * up` with both input gradients in one pass;
 //! - [`cross_entropy`]: the mean next-token loss over a `[n, vocab]` logit matrix, computed
 //!   row by row with a running log-sum-exp; its gradient `softmax - onehot` is written in one
@@ -25,6 +28,10 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 use std::sync::Arc;
 
+/// The variance floor of a LayerNorm.
+#[derive(Clone, Copy, Debug)]
+pub struct Epsilon(pub f64);
+
 /// Target token ids of the rows of a logit matrix.
 #[derive(Clone, Debug)]
 pub struct Targets(pub Arc<Vec<u32>>);
@@ -33,6 +40,15 @@ pub struct Targets(pub Arc<Vec<u32>>);
 pub trait FusedBackend: burn::backend::Backend {
     /// GELU with the tanh approximation, elementwise.
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Exact GELU, `x Φ(x)` (BERT's and ViT's `gelu`), elementwise.
+    fn gelu_erf(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// LayerNorm over the last dimension with scale `gamma` and shift `beta`.
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: Epsilon,
+    ) -> FloatTensor<Self>;
     /// Mean cross-entropy of `[n, vocab]` logits against `targets`, as a `[1]` tensor.
     fn cross_entropy(logits: FloatTensor<Self>, targets: Targets) -> FloatTensor<Self>;
     /// SwiGLU's gate: `silu(gate) * up`, elementwise.
@@ -73,6 +89,24 @@ fn host(t: FlexTensor) -> (Vec<f32>, Vec<usize>) {
             .expect("f32 tensor"),
         shape,
     )
+}
+
+/// `t` with contiguous f32 storage: itself when it already has it (no copy, even when the
+/// autograph shares it), otherwise a converted copy.
+fn dense(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        return t;
+    }
+    FlexTensor::from_data(t.into_data().convert::<f32>())
+}
+
+/// The values of a tensor made by [`dense`].
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a dense f32 tensor")
+}
+
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
 }
 
 fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
@@ -140,6 +174,134 @@ fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
             }
         });
     dx
+}
+
+/// `erf(x)` within 1.5e-7 (Abramowitz and Stegun 7.1.26), vectorisable.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+fn gelu_erf_forward(x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+            }
+        });
+    y
+}
+
+fn gelu_erf_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, g))| {
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+                *dx = g * (cdf + x * pdf);
+            }
+        });
+    dx
+}
+
+/// Rows per parallel task of the LayerNorm kernels.
+fn norm_rows(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
+}
+
+/// LayerNorm of `[rows, width]` rows; returns the output and each row's (mean, 1 / std).
+fn layer_norm_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> (Vec<f32>, Vec<(f32, f32)>) {
+    let w = gamma.len();
+    let rows = x.len() / w;
+    let mut y = vec![0f32; x.len()];
+    let mut stats = vec![(0f32, 0f32); rows];
+    let step = norm_rows(w);
+    y.par_chunks_mut(step * w)
+        .zip(x.par_chunks(step * w))
+        .zip(stats.par_chunks_mut(step))
+        .for_each(|((y, x), stats)| {
+            for ((y, x), st) in y.chunks_exact_mut(w).zip(x.chunks_exact(w)).zip(stats) {
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / w as f64;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / w as f64;
+                let rstd = (1.0 / (var + eps).sqrt()) as f32;
+                let mean = mean as f32;
+                for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                    *y = (x - mean) * rstd * g + b;
+                }
+                *st = (mean, rstd);
+            }
+        });
+    (y, stats)
+}
+
+/// Gradients of LayerNorm: `(dx, dgamma, dbeta)`.
+fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    stats: &[(f32, f32)],
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = gamma.len();
+    let mut dx = vec![0f32; x.len()];
+    let step = norm_rows(w);
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(step * w)
+        .zip(x.par_chunks(step * w).zip(dy.par_chunks(step * w)))
+        .zip(stats.par_chunks(step))
+        .map(|((dx, (x, dy)), stats)| {
+            let mut dgamma = vec![0f32; w];
+            let mut dbeta = vec![0f32; w];
+            let mut xhat = vec![0f32; w];
+            for (((dx, x), dy), &(mean, rstd)) in dx
+                .chunks_exact_mut(w)
+                .zip(x.chunks_exact(w))
+                .zip(dy.chunks_exact(w))
+                .zip(stats)
+            {
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for j in 0..w {
+                    xhat[j] = (x[j] - mean) * rstd;
+                    let g = dy[j] * gamma[j];
+                    sum_g += g;
+                    sum_gx += g * xhat[j];
+                    dgamma[j] += dy[j] * xhat[j];
+                    dbeta[j] += dy[j];
+                }
+                let (mg, mgx) = (sum_g / w as f32, sum_gx / w as f32);
+                for j in 0..w {
+                    dx[j] = rstd * (dy[j] * gamma[j] - mg - xhat[j] * mgx);
+                }
+            }
+            (dgamma, dbeta)
+        })
+        .collect();
+    let mut dgamma = vec![0f32; w];
+    let mut dbeta = vec![0f32; w];
+    for (g, b) in partial {
+        for j in 0..w {
+            dgamma[j] += g[j];
+            dbeta[j] += b[j];
+        }
+    }
+    (dx, dgamma, dbeta)
 }
 
 fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
@@ -439,8 +601,24 @@ fn check_targets(targets: &[u32], n: usize, vocab: usize) {
 
 impl FusedBackend for Flex {
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (x, shape) = host(x);
-        flex(gelu_forward(&x), shape)
+        let x = dense(x);
+        flex(gelu_forward(values(&x)), dims(&x))
+    }
+
+    fn gelu_erf(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let x = dense(x);
+        flex(gelu_erf_forward(values(&x)), dims(&x))
+    }
+
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: Epsilon,
+    ) -> FloatTensor<Self> {
+        let (x, g, b) = (dense(x), dense(gamma), dense(beta));
+        let y = layer_norm_forward(values(&x), values(&g), values(&b), epsilon.0).0;
+        flex(y, dims(&x))
     }
 
     fn cross_entropy(logits: FloatTensor<Self>, targets: Targets) -> FloatTensor<Self> {
@@ -536,7 +714,10 @@ impl Backward<Flex, 2> for SwigluBackward {
 }
 
 #[derive(Debug)]
-struct GeluBackward;
+struct GeluBackward {
+    /// The exact GELU rather than the tanh approximation.
+    erf: bool,
+}
 
 impl Backward<Flex, 1> for GeluBackward {
     type State = FlexTensor;
@@ -545,9 +726,42 @@ impl Backward<Flex, 1> for GeluBackward {
         let [parent] = ops.parents;
         let g = grads.consume::<Flex>(&ops.node);
         if let Some(node) = parent {
-            let (x, shape) = host(ops.state);
-            let (g, _) = host(g);
-            grads.register::<Flex>(node.id, flex(gelu_backward(&x, &g), shape));
+            let x = dense(ops.state);
+            let g = dense(g);
+            let dx = if self.erf {
+                gelu_erf_backward(values(&x), values(&g))
+            } else {
+                gelu_backward(values(&x), values(&g))
+            };
+            grads.register::<Flex>(node.id, flex(dx, dims(&x)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    /// The input and scale (dense, shared with the graph) and each row's statistics.
+    type State = (FlexTensor, FlexTensor, Vec<(f32, f32)>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [xn, gn, bn] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, gamma, stats) = ops.state;
+        let dy = dense(dy);
+        let (dx, dgamma, dbeta) =
+            layer_norm_backward(values(&x), values(&gamma), &stats, values(&dy));
+        let w = dgamma.len();
+        let shape = dims(&x);
+        if let Some(node) = xn {
+            grads.register::<Flex>(node.id, flex(dx, shape));
+        }
+        if let Some(node) = gn {
+            grads.register::<Flex>(node.id, flex(dgamma, vec![w]));
+        }
+        if let Some(node) = bn {
+            grads.register::<Flex>(node.id, flex(dbeta, vec![w]));
         }
     }
 }
@@ -575,14 +789,60 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
 }
 
 impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
-    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match GeluBackward
+    fn gelu_erf(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match (GeluBackward { erf: true })
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let input = x.primitive().clone();
+                let input = dense(x.primitive().clone());
+                let out = <Flex as FusedBackend>::gelu_erf(input.clone());
+                prep.finish(input, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(<Flex as FusedBackend>::gelu_erf(x.into_primitive()))
+            }
+        }
+    }
+
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: Epsilon,
+    ) -> FloatTensor<Self> {
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let xh = dense(x.primitive().clone());
+                let gh = dense(gamma.primitive().clone());
+                let bh = dense(beta.primitive().clone());
+                let (y, stats) =
+                    layer_norm_forward(values(&xh), values(&gh), values(&bh), epsilon.0);
+                let out = flex(y, dims(&xh));
+                prep.finish((xh, gh, stats), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<Flex as FusedBackend>::layer_norm(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                epsilon,
+            )),
+        }
+    }
+
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match (GeluBackward { erf: false })
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let input = dense(x.primitive().clone());
                 let out = <Flex as FusedBackend>::gelu_tanh(input.clone());
                 prep.finish(input, out)
             }
@@ -693,6 +953,32 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         return x * (inner.tanh() + 1.0) * 0.5;
     }
     Tensor::from_dispatch(<Dispatch as FusedBackend>::gelu_tanh(x.into_dispatch()))
+}
+
+/// Exact GELU of `x`: fused on the CPU, composed elsewhere.
+pub fn gelu_erf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !is_fusable(&x.device()) {
+        return burn::tensor::activation::gelu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedBackend>::gelu_erf(x.into_dispatch()))
+}
+
+/// LayerNorm of `x` over its last dimension: fused on the CPU, composed elsewhere.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+) -> Tensor<D> {
+    if !is_fusable(&x.device()) {
+        return burn::tensor::module::layer_norm(x, gamma, Some(beta), epsilon);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedBackend>::layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        Epsilon(epsilon),
+    ))
 }
 
 /// Mean cross-entropy of `[n, vocab]` logits against target ids: fused on the CPU, composed
@@ -927,5 +1213,75 @@ mod tests {
         for (a, b) in d1.iter().zip(&d2) {
             assert!((a - b).abs() < 1e-6, "gradient {a} vs {b}");
         }
+    }
+    #[test]
+    fn fused_gelu_erf_and_layer_norm_match_the_composed_ones_with_gradients() {
+        let device = Device::flex().autodiff();
+        let (n, w) = (9, 24);
+        let data: Vec<f32> = values(n * w, 1.5).iter().map(|v| 3.0 * v).collect();
+        let gamma = values(w, 4.0);
+        let beta = values(w, 7.0);
+        let weights = values(n * w, 2.0);
+        let run = |fused: bool| {
+            let x = Tensor::<2>::from_data(TensorData::new(data.clone(), [n, w]), &device)
+                .require_grad();
+            let g =
+                Tensor::<1>::from_data(TensorData::new(gamma.clone(), [w]), &device).require_grad();
+            let b =
+                Tensor::<1>::from_data(TensorData::new(beta.clone(), [w]), &device).require_grad();
+            let m = Tensor::<2>::from_data(TensorData::new(weights.clone(), [n, w]), &device);
+            let y = if fused {
+                gelu_erf(layer_norm(x.clone(), g.clone(), b.clone(), 1e-5))
+            } else {
+                burn::tensor::activation::gelu(burn::tensor::module::layer_norm(
+                    x.clone(),
+                    g.clone(),
+                    Some(b.clone()),
+                    1e-5,
+                ))
+            };
+            let out: Vec<f32> = y.clone().into_data().try_to_vec::<f32>().unwrap();
+            let grads = (y * m).sum().backward();
+            let vec = |t: Option<Tensor<2>>| t.unwrap().into_data().try_to_vec::<f32>().unwrap();
+            let vec1 = |t: Option<Tensor<1>>| t.unwrap().into_data().try_to_vec::<f32>().unwrap();
+            (
+                out,
+                vec(x.grad(&grads)),
+                vec1(g.grad(&grads)),
+                vec1(b.grad(&grads)),
+            )
+        };
+        let fused = run(true);
+        let composed = run(false);
+        let close = |a: &[f32], b: &[f32], tol: f32, what: &str| {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}: {x} vs {y}");
+            }
+        };
+        close(&fused.0, &composed.0, 1e-5, "output");
+        close(&fused.1, &composed.1, 1e-4, "input gradient");
+        close(&fused.2, &composed.2, 1e-4, "scale gradient");
+        close(&fused.3, &composed.3, 1e-4, "shift gradient");
+        for x in [-6.0f32, -2.5, -0.7, -1e-3, 0.0, 0.3, 1.1, 4.0] {
+            let exact = libm_erf(x as f64);
+            assert!((erf(x) as f64 - exact).abs() < 3e-7, "erf({x})");
+        }
+    }
+
+    /// erf by its Taylor series (|x| < 3) or its asymptotic tail, in f64.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() >= 3.0 {
+            let a = x.abs();
+            let tail = (-a * a).exp() / (a * std::f64::consts::PI.sqrt())
+                * (1.0 - 1.0 / (2.0 * a * a) + 3.0 / (4.0 * a.powi(4)));
+            return (1.0 - tail).copysign(x);
+        }
+        let mut sum = 0.0;
+        let mut term = x;
+        for k in 0..200 {
+            sum += term / (2 * k + 1) as f64;
+            term *= -x * x / (k + 1) as f64;
+        }
+        2.0 / std::f64::consts::PI.sqrt() * sum
     }
 }

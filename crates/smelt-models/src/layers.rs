@@ -109,12 +109,7 @@ impl Norm {
 
     /// `[..., size]` to `[..., size]`.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::layer_norm(
-            input,
-            self.gamma.val(),
-            Some(self.beta.val()),
-            self.epsilon,
-        )
+        crate::fused::layer_norm(input, self.gamma.val(), self.beta.val(), self.epsilon)
     }
 
     pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {

@@ -13,7 +13,7 @@ use crate::init::HostInit;
 use crate::layers::{Dense, Norm};
 use crate::weights::{tensor_from_vec, tensor_to_vec, NamedTensor, WeightFile};
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -340,7 +340,7 @@ impl VitLayer {
         let x = x + self
             .hidden_dropout
             .forward(self.attention_output.forward(context));
-        let inner = gelu(
+        let inner = crate::fused::gelu_erf(
             self.intermediate
                 .forward(self.norm_after.forward(x.clone())),
         );

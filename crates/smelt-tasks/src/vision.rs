@@ -544,7 +544,7 @@ impl Source {
             }
             if self.mixup > 0.0 && batch.len() > 1 {
                 // Each image mixed with the next one of the batch, with one weight per batch.
-                let mut rng = image_rng(self.seed ^ 0x6D69_7875_70, epoch, index);
+                let mut rng = image_rng(self.seed ^ 0x006D_6978_7570, epoch, index);
                 let lambda = beta_symmetric(&mut rng, self.mixup) as f32;
                 let len = self.pre.image_len();
                 let (orig_px, orig_t) = (pixels.clone(), t.clone());
@@ -1354,7 +1354,8 @@ pub fn probe(options: &ProbeOptions, device: &Device) -> Result<Value> {
         options.images.workers,
     )?;
     check_fraction(options.label_fraction)?;
-    if options.epochs == 0 || !(options.lr > 0.0) || options.weight_decay < 0.0 {
+    let lr_ok = options.lr.is_finite() && options.lr > 0.0;
+    if options.epochs == 0 || !lr_ok || options.weight_decay < 0.0 {
         return Err(TaskError::Invalid(
             "--probe-epochs must be at least 1, --probe-lr positive, --probe-weight-decay \
              not negative"
