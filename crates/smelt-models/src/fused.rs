@@ -239,12 +239,15 @@ fn layer_norm_forward(
         .zip(stats.par_chunks_mut(step))
         .for_each(|((y, x), stats)| {
             for ((y, x), st) in y.chunks_exact_mut(w).zip(x.chunks_exact(w)).zip(stats) {
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / w as f64;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / w as f64;
+                let mean = lanes_sum(x) / w as f32;
+                // The centred values go through `y` to get the variance in one more pass.
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x - mean;
+                }
+                let var = lanes_dot(y, y) as f64 / w as f64;
                 let rstd = (1.0 / (var + eps).sqrt()) as f32;
-                let mean = mean as f32;
-                for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
-                    *y = (x - mean) * rstd * g + b;
+                for ((y, &g), &b) in y.iter_mut().zip(gamma).zip(beta) {
+                    *y = *y * rstd * g + b;
                 }
                 *st = (mean, rstd);
             }
@@ -270,24 +273,23 @@ fn layer_norm_backward(
             let mut dgamma = vec![0f32; w];
             let mut dbeta = vec![0f32; w];
             let mut xhat = vec![0f32; w];
+            let mut gx = vec![0f32; w];
             for (((dx, x), dy), &(mean, rstd)) in dx
                 .chunks_exact_mut(w)
                 .zip(x.chunks_exact(w))
                 .zip(dy.chunks_exact(w))
                 .zip(stats)
             {
-                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
                 for j in 0..w {
                     xhat[j] = (x[j] - mean) * rstd;
-                    let g = dy[j] * gamma[j];
-                    sum_g += g;
-                    sum_gx += g * xhat[j];
+                    gx[j] = dy[j] * gamma[j];
                     dgamma[j] += dy[j] * xhat[j];
                     dbeta[j] += dy[j];
                 }
-                let (mg, mgx) = (sum_g / w as f32, sum_gx / w as f32);
+                let mg = lanes_sum(&gx) / w as f32;
+                let mgx = lanes_dot(&gx, &xhat) / w as f32;
                 for j in 0..w {
-                    dx[j] = rstd * (dy[j] * gamma[j] - mg - xhat[j] * mgx);
+                    dx[j] = rstd * (gx[j] - mg - xhat[j] * mgx);
                 }
             }
             (dgamma, dbeta)
@@ -340,6 +342,53 @@ fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
 /// `c[m, n] (+)= beta · a[m, k] · b[k, n]` for row-major `c`, with `a` and `b` given by
 /// their row and column strides.
 #[allow(clippy::too_many_arguments)]
+const LANES: usize = 8;
+
+/// The largest value of `x` (NEG_INFINITY when empty), in lanes so that the loop vectorises.
+#[inline]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    rest.iter()
+        .chain(m.iter())
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// `sum(a[i] * b[i])` in f32 lanes (pairwise over the lanes, so long rows lose little).
+#[inline]
+fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(x)` in f32 lanes.
+#[inline]
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 fn mm(
     (m, n, k): (usize, usize, usize),
     a: &[f32],
@@ -438,6 +487,23 @@ fn attention_forward(
             for i in 0..t {
                 let row = &mut p[i * s..(i + 1) * s];
                 let limit = spec.causal_past.map_or(s, |past| (past + i + 1).min(s));
+                if spec.key_valid.is_none() {
+                    // Keys 0..limit, the rest masked: loops that vectorise.
+                    let (live, dead) = row.split_at_mut(limit);
+                    dead.fill(0.0);
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let max = lanes_max(live);
+                    for x in live.iter_mut() {
+                        *x = exp(*x - max);
+                    }
+                    let inv = 1.0 / lanes_sum(live);
+                    for x in live.iter_mut() {
+                        *x *= inv;
+                    }
+                    continue;
+                }
                 let valid =
                     |j: usize| j < limit && spec.key_valid.as_ref().is_none_or(|kv| kv[bi * s + j]);
                 let mut max = f32::NEG_INFINITY;
@@ -524,8 +590,7 @@ fn attention_backward(
                 for i in 0..t {
                     let p = &ph[i * s..(i + 1) * s];
                     let row = &mut dp[i * s..(i + 1) * s];
-                    let dot: f64 = p.iter().zip(row.iter()).map(|(a, b)| (a * b) as f64).sum();
-                    let dot = dot as f32;
+                    let dot = lanes_dot(p, row);
                     for (x, &pj) in row.iter_mut().zip(p) {
                         *x = pj * (*x - dot);
                     }
