@@ -339,6 +339,16 @@ fn bad_configs_and_options_are_refused_before_anything_is_written() {
             "[model]\npreset = \"huge\"\n",
             "preset `huge` is unknown",
         ),
+        (
+            "channels.toml",
+            "[model]\nnum_channels = 2\n",
+            "num_channels",
+        ),
+        (
+            "pad.toml",
+            "[augment]\npad_crop = 100000\n",
+            "pad_crop must be at most",
+        ),
     ];
     for (name, text, needle) in cases {
         let config = write(name, text);

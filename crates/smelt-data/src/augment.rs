@@ -143,6 +143,12 @@ impl Augment {
                 ));
             }
         }
+        if self.pad_crop > 256 {
+            return Err(format!(
+                "pad_crop must be at most 256 pixels, found {}",
+                self.pad_crop
+            ));
+        }
         prob("hflip", self.hflip)?;
         prob("grayscale", self.grayscale)?;
         if let Some(j) = &self.jitter {
@@ -305,6 +311,9 @@ fn jitter(planes: &mut [f32], channels: usize, n: usize, j: &Jitter, rng: &mut C
 
 /// Separable Gaussian blur of each `size x size` plane, edges reflected.
 fn blur(planes: &mut [f32], size: usize, sigma: f32) {
+    if size < 2 {
+        return;
+    }
     let radius = ((3.0 * sigma).ceil() as usize).clamp(1, size.saturating_sub(1).max(1));
     let mut kernel: Vec<f32> = (0..=2 * radius)
         .map(|k| {
@@ -425,7 +434,8 @@ pub struct Prefetcher<T: Send + 'static> {
 }
 
 struct Shared<T> {
-    ready: Mutex<HashMap<usize, T>>,
+    /// Finished jobs; `None` for a job whose closure panicked.
+    ready: Mutex<HashMap<usize, Option<T>>>,
     filled: Condvar,
     /// The next job index a worker claims.
     next: AtomicUsize,
@@ -471,7 +481,8 @@ impl<T: Send + 'static> Prefetcher<T> {
                     if shared.stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    let value = make(job);
+                    let value =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(job))).ok();
                     let mut ready = shared.ready.lock().unwrap_or_else(|e| e.into_inner());
                     ready.insert(job, value);
                     shared.filled.notify_all();
@@ -481,7 +492,9 @@ impl<T: Send + 'static> Prefetcher<T> {
         Self { shared, workers }
     }
 
-    /// Waits for job `index` and takes it. Jobs must be taken in order.
+    /// Waits for job `index` and takes it. Jobs must be taken in order, within the range
+    /// the prefetcher was started with. A job whose closure panicked panics here, in the
+    /// caller, instead of leaving it waiting.
     pub fn take(&self, index: usize) -> T {
         {
             let mut wanted = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
@@ -491,7 +504,7 @@ impl<T: Send + 'static> Prefetcher<T> {
         let mut ready = self.shared.ready.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(v) = ready.remove(&index) {
-                return v;
+                return v.unwrap_or_else(|| panic!("preparing job {index} failed on a worker"));
             }
             ready = self
                 .shared
@@ -672,6 +685,26 @@ mod tests {
         let f = Prefetcher::start(0, 1_000_000, 2, 2, make);
         assert_eq!(f.take(0), 0);
         drop(f);
+    }
+
+    #[test]
+    fn a_panicking_job_surfaces_in_the_caller_and_tiny_images_blur() {
+        let make: Arc<dyn Fn(usize) -> usize + Send + Sync> = Arc::new(|i| {
+            assert!(i != 1, "job 1 fails");
+            i
+        });
+        let f = Prefetcher::start(0, 3, 2, 2, make);
+        assert_eq!(f.take(0), 0);
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.take(1)));
+        assert!(failed.is_err());
+        let mut one = vec![0.5f32];
+        blur(&mut one, 1, 1.0);
+        assert_eq!(one, vec![0.5]);
+        let a = Augment {
+            pad_crop: 1000,
+            ..Augment::default()
+        };
+        assert!(a.validate().unwrap_err().contains("pad_crop"));
     }
 
     #[test]

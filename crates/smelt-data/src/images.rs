@@ -127,6 +127,12 @@ impl ImageSet {
             Split::Test => "t10k",
         };
         let data = idx::read_split(dir, prefix)?;
+        if data.images.count == 0 || data.images.rows == 0 || data.images.cols == 0 {
+            return Err(bad(
+                dir,
+                format!("the {prefix} split holds no images (or images of zero size)"),
+            ));
+        }
         let (rows, cols) = (data.images.rows, data.images.cols);
         let images = (0..data.images.count)
             .map(|i| Image::new(cols, rows, 1, data.images.image(i).to_vec()))

@@ -158,10 +158,17 @@ impl VitConfig {
                 "only `true` is supported (query, key and value with biases)".into(),
             ));
         }
+        let num_channels = size("num_channels", Some(3))?;
+        if num_channels != 1 && num_channels != 3 {
+            return Err(err(
+                "num_channels",
+                format!("expected 1 (gray) or 3 (RGB), found {num_channels}"),
+            ));
+        }
         Ok(Self {
             image_size,
             patch_size,
-            num_channels: size("num_channels", Some(3))?,
+            num_channels,
             hidden_size,
             num_hidden_layers: size("num_hidden_layers", Some(12))?,
             num_attention_heads,
@@ -698,6 +705,10 @@ mod tests {
                 "hidden_act",
             ),
             (json!({"model_type": "vit", "qkv_bias": false}), "qkv_bias"),
+            (
+                json!({"model_type": "vit", "num_channels": 2}),
+                "num_channels",
+            ),
         ];
         for (value, field) in cases {
             let err = VitConfig::from_json(Path::new("c.json"), value).unwrap_err();

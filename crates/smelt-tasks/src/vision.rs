@@ -162,6 +162,8 @@ pub fn read_preprocess(dir: &Path, config: &VitConfig) -> Result<Preprocess> {
         std: vec![0.5; c],
     };
     if !path.exists() {
+        pre.validate()
+            .map_err(|e| TaskError::Invalid(format!("{}: {e}", dir.display())))?;
         return Ok(pre);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
@@ -198,8 +200,9 @@ pub fn read_preprocess(dir: &Path, config: &VitConfig) -> Result<Preprocess> {
             Value::Number(n) => n.as_f64().map(|x| vec![x as f32]),
             _ => None,
         };
-        let mut values =
-            values.ok_or_else(|| bad(field, format!("expected a list of numbers, found {v}")))?;
+        let mut values = values
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| bad(field, format!("expected a list of numbers, found {v}")))?;
         // A gray model saved with one statistic repeated for three channels.
         if values.len() != c && values.iter().all(|x| *x == values[0]) {
             values = vec![values[0]; c];
@@ -427,12 +430,18 @@ pub struct ImageOptions {
     pub workers: usize,
 }
 
+/// How far decoded images are shrunk for a model input of `size`: twice the input, so
+/// that crops keep detail, and never below 64 pixels.
+fn kept_side(size: usize) -> usize {
+    (2 * size).max(64)
+}
+
 impl ImageOptions {
     fn read(&self, path: &Path, split: Split, size: usize) -> Result<ImageSet> {
         let options = ReadImages {
             split,
             on_bad: self.on_bad,
-            max_side: (2 * size).max(64),
+            max_side: kept_side(size),
             workers: self.workers,
         };
         let set = ImageSet::read(path, &options)?;
@@ -504,13 +513,18 @@ struct Source {
 
 impl Source {
     fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        epoch_batches(
+        let mut batches = epoch_batches(
             Batching::Random,
             &vec![1; self.set.len()],
             self.batch_size,
             self.seed,
             epoch,
-        )
+        );
+        // A lone image has no negatives: its contrastive loss is zero, so it is left out.
+        if self.two_views {
+            batches.retain(|b| b.len() > 1);
+        }
+        batches
     }
 
     fn make(&self, epoch: usize, batch: &[usize], index: usize) -> Prepared {
@@ -754,6 +768,20 @@ fn fingerprint(options: &impl Serialize, sets: &[&ImageSet]) -> Result<String> {
     Ok(format!("{hash:016x}"))
 }
 
+/// With `--model`, the architecture and normalisation come from that directory: a config
+/// that sets them would be ignored, so it is refused.
+fn check_model_tables(from_model: bool, spec: &VisionSpec) -> Result<()> {
+    if from_model && (spec.model != ModelSpec::default() || spec.data != DataSpec::default()) {
+        return Err(TaskError::Invalid(
+            "--model continues an existing model, whose architecture and preprocessing come \
+             from its directory; the config's [model] and [data] tables would be ignored: \
+             remove them or --model"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses a second run into the same directory unless resuming.
 fn prepare_out(out: &Path, resume: bool) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
@@ -829,13 +857,7 @@ pub fn train(
         Some(p) => VisionSpec::read(p)?,
         None => VisionSpec::default(),
     };
-    if options.model.is_some() && spec.model != ModelSpec::default() {
-        return Err(TaskError::Invalid(
-            "--model fine-tunes an existing architecture; the config's [model] table would be \
-             ignored: remove it or --model"
-                .into(),
-        ));
-    }
+    check_model_tables(options.model.is_some(), &spec)?;
     let side_hint = spec.model.image_size.unwrap_or(224);
     let train_set = options
         .images
@@ -1006,7 +1028,7 @@ pub fn predict(
     let options = ReadImages {
         split: Split::Test,
         on_bad: images.on_bad,
-        max_side: 2 * m.pre.size,
+        max_side: kept_side(m.pre.size),
         workers: images.workers,
     };
     let set = Arc::new(ImageSet::read_files(files, &options)?);
@@ -1256,10 +1278,17 @@ pub fn pretrain(
         Some(p) => VisionSpec::read(p)?,
         None => VisionSpec::default(),
     };
+    check_model_tables(options.model.is_some(), &spec)?;
     let side_hint = spec.model.image_size.unwrap_or(224);
     let set = options
         .images
         .read(&options.data, Split::Train, side_hint)?;
+    if set.len() < 2 {
+        return Err(TaskError::Invalid(format!(
+            "{}: contrastive pretraining needs at least 2 images (the others are the negatives)",
+            options.data.display()
+        )));
+    }
     let ad_device = device.clone().autodiff();
     let seed = options.training.seed;
     let (vit, config, pre) = match &options.model {
