@@ -1596,6 +1596,77 @@ mod tests {
         assert!((t1 - expected).abs() < 1e-5, "{t1} vs {expected}");
     }
 
+    fn source(smoothing: f64, mixup: f64, two_views: bool) -> Source {
+        let images = (0..4)
+            .map(|i| smelt_data::images::Image::new(4, 4, 1, vec![60 * i as u8; 16]))
+            .collect();
+        let set = ImageSet {
+            source: PathBuf::from("mem"),
+            images,
+            names: (0..4).map(|i| i.to_string()).collect(),
+            labels: (0..4).map(|i| (i % 2).to_string()).collect(),
+            skipped: Vec::new(),
+        };
+        Source {
+            set: Arc::new(set),
+            labels: Arc::new(vec![0, 1, 0, 1]),
+            classes: 2,
+            pre: Preprocess {
+                size: 4,
+                channels: 1,
+                mean: vec![0.0],
+                std: vec![1.0],
+            },
+            augment: None,
+            seed: 3,
+            batch_size: 3,
+            smoothing,
+            mixup,
+            two_views,
+        }
+    }
+
+    #[test]
+    fn smoothing_and_mixup_make_soft_targets_that_sum_to_one() {
+        let plain = source(0.0, 0.0, false).make(0, &[0, 1, 2], 0);
+        assert!(plain.soft.is_none());
+        assert_eq!(plain.targets, vec![0, 1, 0]);
+
+        let smooth = source(0.2, 0.0, false).make(0, &[0, 1, 2], 0);
+        let expected = [0.9, 0.1, 0.1, 0.9, 0.9, 0.1];
+        for (a, b) in smooth.soft.unwrap().iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+
+        let mixed = source(0.0, 0.4, false).make(0, &[0, 1, 2], 0);
+        let soft = mixed.soft.unwrap();
+        for row in soft.chunks(2) {
+            assert!((row[0] + row[1] - 1.0).abs() < 1e-6, "{row:?}");
+        }
+        // Image 0 (all 0) mixed with image 1 (all 60/255): the pixel weight is the weight of
+        // image 0's class in its target.
+        let lambda = soft[0];
+        let pixel = mixed.pixels[0];
+        assert!(
+            (pixel - (1.0 - lambda) * 60.0 / 255.0).abs() < 1e-5,
+            "{pixel} {lambda}"
+        );
+        // The same seed, epoch and batch give the same mix.
+        let again = source(0.0, 0.4, false).make(0, &[0, 1, 2], 0);
+        assert_eq!(again.pixels, mixed.pixels);
+    }
+
+    #[test]
+    fn contrastive_batches_hold_two_views_and_never_a_lone_image() {
+        let s = source(0.0, 0.0, true);
+        // 4 images in batches of 3 would leave one image alone: that batch is dropped.
+        let batches = s.batches(0);
+        assert_eq!(batches.len(), 1);
+        let p = s.make(0, &batches[0], 0);
+        assert_eq!(p.images, 6);
+        assert_eq!(p.pixels.len(), 6 * 16);
+    }
+
     #[test]
     fn linear_probe_separates_separable_features() {
         let mut features = Vec::new();
