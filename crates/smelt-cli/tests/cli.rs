@@ -378,27 +378,7 @@ fn sigkill_then_resume_ends_with_the_same_weights() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     // Kill the second run once a mid-epoch checkpoint exists.
-    let mut child = smelt()
-        .args(args(&cut))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state = cut.join("checkpoint").join("trainer_state.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let step = std::fs::read_to_string(&state)
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["global_step"].as_u64());
-        if step.is_some_and(|s| s >= 10) || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let killed_at: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let killed_at = kill_after_checkpoint(&args(&cut), &cut, 10);
     assert_eq!(
         killed_at["finished"], false,
         "the run must be cut before it ends"

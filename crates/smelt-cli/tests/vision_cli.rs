@@ -415,26 +415,7 @@ fn killed_training_resumes_to_the_same_weights() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let cut = tmp.path().join("cut");
-    let mut child = smelt()
-        .args(args(&cut))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state = cut.join("checkpoint").join("trainer_state.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let step = std::fs::read_to_string(&state)
-            .ok()
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .and_then(|v| v["global_step"].as_u64());
-        if step.is_some_and(|s| s >= 10) || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let killed: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let killed = kill_after_checkpoint(&args(&cut), &cut, 10);
     assert_eq!(
         killed["finished"], false,
         "the run must be cut before it ends"

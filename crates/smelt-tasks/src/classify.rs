@@ -259,6 +259,24 @@ pub(crate) fn metrics_record(loss: f64, m: &ClassMetrics, labels: &[String]) -> 
     map
 }
 
+/// The loop's validation result for class logits: loss, accuracy as the score, and the
+/// per-class metrics and confusion matrix to log.
+pub(crate) fn class_evaluation(
+    logits: &[Vec<f32>],
+    truth: &[i64],
+    labels: &[String],
+) -> Evaluation {
+    let (loss, metrics) = score(logits, truth, labels.len());
+    let mut record = metrics_record(loss, &metrics, labels);
+    record.remove("loss");
+    Evaluation {
+        loss,
+        score: metrics.accuracy,
+        score_name: "accuracy",
+        record,
+    }
+}
+
 struct ClassifyTask<'a> {
     device: Device,
     eval_device: Device,
@@ -314,15 +332,7 @@ impl Task for ClassifyTask<'_> {
             &self.eval_device,
         )
         .map_err(smelt_train::TrainError::from)?;
-        let (loss, metrics) = score(&logits, truth, self.labels.len());
-        let mut record = metrics_record(loss, &metrics, &self.labels);
-        record.remove("loss");
-        Ok(Some(Evaluation {
-            loss,
-            score: metrics.accuracy,
-            score_name: "accuracy",
-            record,
-        }))
+        Ok(Some(class_evaluation(&logits, truth, &self.labels)))
     }
 
     fn save(&self, model: &BertClassifier, dir: &Path) -> smelt_train::Result<()> {

@@ -1,7 +1,7 @@
 //! Image classification with ViT (train, evaluate, predict), contrastive pretraining of the
 //! encoder (SimCLR's NT-Xent over two augmented views) and linear probes of its features.
 
-use crate::classify::{argmax, metrics_record, score, softmax_row};
+use crate::classify::{argmax, class_evaluation, metrics_record, score, softmax_row};
 use crate::error::{Result, TaskError};
 use burn::module::Module;
 use burn::tensor::activation::log_softmax;
@@ -712,15 +712,7 @@ impl Task for VitTask<'_> {
             &self.eval_device,
         )
         .map_err(smelt_train::TrainError::from)?;
-        let (loss, metrics) = score(&logits, truth, self.labels.len());
-        let mut record = metrics_record(loss, &metrics, &self.labels);
-        record.remove("loss");
-        Ok(Some(Evaluation {
-            loss,
-            score: metrics.accuracy,
-            score_name: "accuracy",
-            record,
-        }))
+        Ok(Some(class_evaluation(&logits, truth, &self.labels)))
     }
 
     fn save(&self, model: &VitClassifier, dir: &Path) -> smelt_train::Result<()> {

@@ -24,6 +24,31 @@ pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts `smelt args` and kills it (SIGKILL) once `out/checkpoint` records at least
+/// `step` updates; returns the trainer state it was killed at.
+pub fn kill_after_checkpoint(args: &[String], out: &Path, step: u64) -> serde_json::Value {
+    let mut child = smelt()
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = out.join("checkpoint").join("trainer_state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let reached = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["global_step"].as_u64());
+        if reached.is_some_and(|s| s >= step) || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap()
+}
+
 pub fn asset(rel: &str) -> PathBuf {
     smelt_data::assets::locate(rel).expect("asset available (run `smelt assets fetch`)")
 }
