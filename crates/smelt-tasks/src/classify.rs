@@ -2,6 +2,7 @@
 
 use crate::error::{Result, TaskError};
 use crate::model_dir::ModelDir;
+use crate::run_dir::{fnv1a, FNV_START};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -373,15 +374,10 @@ pub struct TrainReport {
 /// FNV-1a over the resolved options and the bytes of the data files and model config, so
 /// that a resume with other options or edited data is refused.
 fn fingerprint(options: &TrainOptions) -> Result<String> {
-    let fnv = |h: u64, bytes: &[u8]| {
-        bytes
-            .iter()
-            .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
-    };
     let mut o = options.clone();
     o.out = PathBuf::new();
     let text = serde_json::to_string(&o).map_err(|e| TaskError::Invalid(e.to_string()))?;
-    let mut hash = fnv(0xcbf2_9ce4_8422_2325, text.as_bytes());
+    let mut hash = fnv1a(FNV_START, text.as_bytes());
     let model_config = options.model.join("config.json");
     let files = [
         Some(&options.train_file),
@@ -390,7 +386,7 @@ fn fingerprint(options: &TrainOptions) -> Result<String> {
     ];
     for path in files.into_iter().flatten() {
         let bytes = std::fs::read(path).map_err(|e| smelt_models::ModelError::io(path, e))?;
-        hash = fnv(hash, &bytes);
+        hash = fnv1a(hash, &bytes);
     }
     Ok(format!("{hash:016x}"))
 }
@@ -514,15 +510,7 @@ pub fn train(options: &TrainOptions, resume: bool, device: &Device) -> Result<Tr
         _ => None,
     };
 
-    std::fs::create_dir_all(&options.out)
-        .map_err(|e| smelt_models::ModelError::io(&options.out, e))?;
-    let checkpoint = smelt_train::checkpoint::checkpoint_dir(&options.out);
-    if !resume && smelt_models::fsutil::recover_dir(&checkpoint).is_some() {
-        return Err(TaskError::Invalid(format!(
-            "{} already holds a training run; pass --resume to continue it, or choose another --out",
-            options.out.display()
-        )));
-    }
+    crate::run_dir::prepare_out(&options.out, resume)?;
     let run_config =
         serde_json::to_value(options).map_err(|e| TaskError::Invalid(e.to_string()))?;
     let fingerprint = fingerprint(options)?;

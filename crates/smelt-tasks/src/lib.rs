@@ -5,6 +5,7 @@ pub mod error;
 pub mod lm;
 pub mod lm_train;
 pub mod model_dir;
+mod run_dir;
 pub mod vision;
 
 pub use error::{Result, TaskError};

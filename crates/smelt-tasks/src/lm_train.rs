@@ -4,6 +4,7 @@
 
 use crate::error::{Result, TaskError};
 use crate::lm::LanguageModel;
+use crate::run_dir::{fnv1a, FNV_START};
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -411,18 +412,13 @@ fn sample(
 /// FNV-1a over the options and the bytes of the data files (and the size and first MiB of
 /// the base model), so that a resume with other options or data is refused.
 fn fingerprint(options: &LmTrainOptions) -> Result<String> {
-    let fnv = |h: u64, bytes: &[u8]| {
-        bytes
-            .iter()
-            .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
-    };
     let mut o = options.clone();
     o.out = PathBuf::new();
     let text = serde_json::to_string(&o).map_err(|e| TaskError::Invalid(e.to_string()))?;
-    let mut hash = fnv(0xcbf2_9ce4_8422_2325, text.as_bytes());
+    let mut hash = fnv1a(FNV_START, text.as_bytes());
     for path in options.train_files.iter().chain(&options.valid_file) {
         let bytes = std::fs::read(path).map_err(|e| smelt_models::ModelError::io(path, e))?;
-        hash = fnv(hash, &bytes);
+        hash = fnv1a(hash, &bytes);
     }
     if let Some(m) = &options.model {
         let file = if m.is_dir() {
@@ -431,12 +427,12 @@ fn fingerprint(options: &LmTrainOptions) -> Result<String> {
             m.clone()
         };
         if let Ok(meta) = std::fs::metadata(&file) {
-            hash = fnv(hash, &meta.len().to_le_bytes());
+            hash = fnv1a(hash, &meta.len().to_le_bytes());
             let mut head = vec![0u8; 1 << 20];
             use std::io::Read;
             if let Ok(mut f) = std::fs::File::open(&file) {
                 let n = f.read(&mut head).unwrap_or(0);
-                hash = fnv(hash, &head[..n]);
+                hash = fnv1a(hash, &head[..n]);
             }
         }
     }
@@ -553,15 +549,7 @@ pub fn train(options: &LmTrainOptions, resume: bool, device: &Device) -> Result<
         return Err(TaskError::Invalid("--patience needs --valid".into()));
     }
 
-    std::fs::create_dir_all(&options.out)
-        .map_err(|e| smelt_models::ModelError::io(&options.out, e))?;
-    let checkpoint = smelt_train::checkpoint::checkpoint_dir(&options.out);
-    if !resume && smelt_models::fsutil::recover_dir(&checkpoint).is_some() {
-        return Err(TaskError::Invalid(format!(
-            "{} already holds a training run; pass --resume to continue it, or choose another --out",
-            options.out.display()
-        )));
-    }
+    crate::run_dir::prepare_out(&options.out, resume)?;
     let trainable_parameters = match options.mode {
         Mode::Lora(_) => lora::adapter_parameters(&model),
         _ => model.num_params(),

@@ -3,6 +3,7 @@
 
 use crate::classify::{argmax, class_evaluation, metrics_record, score, softmax_row};
 use crate::error::{Result, TaskError};
+use crate::run_dir::{fnv1a, FNV_START};
 use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
@@ -174,6 +175,22 @@ pub fn read_preprocess(dir: &Path, config: &VitConfig) -> Result<Preprocess> {
     let bad = |field: &str, message: String| {
         TaskError::Invalid(format!("{}: field `{field}`: {message}", path.display()))
     };
+    // smelt always resizes and scales bytes by 1/255; a processor that does otherwise would
+    // be silently misread.
+    if value.get("do_resize").and_then(Value::as_bool) == Some(false) {
+        return Err(bad("do_resize", "only `true` is supported".into()));
+    }
+    if value.get("do_rescale").and_then(Value::as_bool) == Some(false) {
+        return Err(bad("do_rescale", "only `true` is supported".into()));
+    }
+    if let Some(f) = value.get("rescale_factor") {
+        if f.as_f64().is_none_or(|f| (f - 1.0 / 255.0).abs() > 1e-9) {
+            return Err(bad(
+                "rescale_factor",
+                format!("only 1/255 is supported, found {f}"),
+            ));
+        }
+    }
     if let Some(size) = value.get("size") {
         let side = |k: &str| size.get(k).and_then(Value::as_u64);
         match (side("height"), side("width"), size.as_u64()) {
@@ -740,21 +757,21 @@ impl Task for VitTask<'_> {
     }
 }
 
-/// FNV-1a over the resolved options and the data's names and labels, so that a resume with
-/// other options or other data is refused.
-fn fingerprint(options: &impl Serialize, sets: &[&ImageSet]) -> Result<String> {
-    let fnv = |h: u64, bytes: &[u8]| {
-        bytes
-            .iter()
-            .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
-    };
-    let text = serde_json::to_string(options).map_err(|e| TaskError::Invalid(e.to_string()))?;
-    let mut hash = fnv(0xcbf2_9ce4_8422_2325, text.as_bytes());
+/// FNV-1a over the resolved run config (without the output directory) and the images'
+/// names, labels and decoded pixels, so that a resume with other options or other data is
+/// refused.
+fn fingerprint(run_config: &Value, sets: &[&ImageSet]) -> Result<String> {
+    let mut config = run_config.clone();
+    if let Some(options) = config.get_mut("options").and_then(Value::as_object_mut) {
+        options.remove("out");
+    }
+    let text = serde_json::to_string(&config).map_err(|e| TaskError::Invalid(e.to_string()))?;
+    let mut hash = fnv1a(FNV_START, text.as_bytes());
     for set in sets {
         for (i, image) in set.images.iter().enumerate() {
-            hash = fnv(hash, set.names[i].as_bytes());
-            hash = fnv(hash, set.labels.get(i).map_or(&[][..], |l| l.as_bytes()));
-            hash = fnv(hash, &(image.width * image.height).to_le_bytes());
+            hash = fnv1a(hash, set.names[i].as_bytes());
+            hash = fnv1a(hash, set.labels.get(i).map_or(&[][..], |l| l.as_bytes()));
+            hash = fnv1a(hash, &image.pixels);
         }
     }
     Ok(format!("{hash:016x}"))
@@ -770,19 +787,6 @@ fn check_model_tables(from_model: bool, spec: &VisionSpec) -> Result<()> {
              remove them or --model"
                 .into(),
         ));
-    }
-    Ok(())
-}
-
-/// Refuses a second run into the same directory unless resuming.
-fn prepare_out(out: &Path, resume: bool) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    let checkpoint = smelt_train::checkpoint::checkpoint_dir(out);
-    if !resume && smelt_models::fsutil::recover_dir(&checkpoint).is_some() {
-        return Err(TaskError::Invalid(format!(
-            "{} already holds a training run; pass --resume to continue it, or choose another --out",
-            out.display()
-        )));
     }
     Ok(())
 }
@@ -922,7 +926,7 @@ pub fn train(
         parameters
     );
 
-    prepare_out(&options.out, resume)?;
+    crate::run_dir::prepare_out(&options.out, resume)?;
     let run_config = json!({"options": options, "model": config.to_json("ViTForImageClassification", Some(&labels)), "preprocess": pre, "augment": augment});
     let mut sets = vec![&train_set];
     if let Some((v, _)) = &valid {
@@ -1308,7 +1312,7 @@ pub fn pretrain(
     };
     let parameters = model.num_params();
     let augment = spec.augment.clone().unwrap_or_else(Augment::contrastive);
-    prepare_out(&options.out, resume)?;
+    crate::run_dir::prepare_out(&options.out, resume)?;
     let run_config = json!({"options": options, "model": config.to_json("ViTModel", None), "preprocess": pre, "augment": augment});
     let fingerprint = fingerprint(&run_config, &[&set])?;
     let images = set.len();
@@ -1657,6 +1661,33 @@ mod tests {
         let p = s.make(0, &batches[0], 0);
         assert_eq!(p.images, 6);
         assert_eq!(p.pixels.len(), 6 * 16);
+    }
+
+    #[test]
+    fn image_processor_settings_smelt_cannot_honour_are_refused() {
+        let config = VitConfig::new(8, 4, 1, [16, 1, 2, 32]).unwrap();
+        let dir = std::env::temp_dir().join(format!("smelt-pre-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases = [
+            (json!({"rescale_factor": 1.0}), "rescale_factor"),
+            (json!({"do_resize": false}), "do_resize"),
+            (json!({"size": {"height": 9, "width": 9}}), "size"),
+            (json!({"image_mean": []}), "image_mean"),
+            (json!({"image_mean": [0.1, 0.2]}), "image_mean"),
+        ];
+        for (value, field) in cases {
+            std::fs::write(dir.join(PREPROCESSOR), value.to_string()).unwrap();
+            let err = read_preprocess(&dir, &config).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(field)),
+                "{value}: {err:?}"
+            );
+        }
+        let ok = json!({"image_mean": [0.3, 0.3, 0.3], "image_std": [0.2], "size": 8});
+        std::fs::write(dir.join(PREPROCESSOR), ok.to_string()).unwrap();
+        let pre = read_preprocess(&dir, &config).unwrap();
+        assert_eq!((pre.mean, pre.std), (vec![0.3], vec![0.2]));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
