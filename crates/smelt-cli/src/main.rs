@@ -21,26 +21,6 @@ mod vision_cmd;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc (v3, as libmimalloc-sys builds it) options by their position in `mi_option_e`.
-const MI_OPTION_ALLOW_LARGE_OS_PAGES: libmimalloc_sys::mi_option_t = 6;
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
-
-/// Keeps freed memory mapped: training frees and reallocates the same large buffers every
-/// step, and returning them to the kernel makes it zero fresh pages each time (measured at a
-/// quarter of a MiniLM step). Large and transparent huge pages are left off: faulting in and
-/// compacting 2 MiB pages made the first step of a small GPT's training take 10 s instead of
-/// 2.5 s here, and later steps 10 % longer.
-fn keep_freed_memory() {
-    // SAFETY: setting allocator options is a plain store inside mimalloc, done before any
-    // other thread exists.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_LARGE_OS_PAGES, 0);
-        libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-    }
-}
-
 #[derive(Parser)]
 #[command(
     name = "smelt",
@@ -251,7 +231,7 @@ struct TrainArgs {
 }
 
 fn main() {
-    keep_freed_memory();
+    smelt_tasks::allocator::keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SMELT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

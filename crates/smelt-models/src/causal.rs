@@ -174,8 +174,8 @@ impl Lora {
 
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = self.dropout.forward(x);
-        let low = burn::tensor::module::linear(x, self.a.val(), None);
-        burn::tensor::module::linear(low, self.b.val(), None) * self.scale
+        let low = crate::fused_linear::linear(x, self.a.val(), None);
+        crate::fused_linear::linear(low, self.b.val(), None) * self.scale
     }
 
     /// `scale · (A · B)ᵀ` as row-major `[d_out, d_in]`: what merging adds to the weight.
@@ -240,11 +240,9 @@ impl Linear {
     /// `[..., d_in]` to `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let y = match &self.weight {
-            Some(w) => burn::tensor::module::linear(
-                x.clone(),
-                w.val(),
-                self.bias.as_ref().map(|b| b.val()),
-            ),
+            Some(w) => {
+                crate::fused_linear::linear(x.clone(), w.val(), self.bias.as_ref().map(|b| b.val()))
+            }
             None => Self::quantized(&[self], x.clone())
                 .pop()
                 .expect("one output per layer"),
@@ -580,7 +578,7 @@ impl CausalLm {
             None => match &self.embed.weight {
                 // The embedding table is `[vocab, hidden]` stored as a `[d_in=vocab, d_out=hidden]`
                 // matrix, so the tied projection multiplies by its transpose.
-                Some(w) => hidden.matmul(w.val().transpose()),
+                Some(w) => crate::fused_linear::linear_out_in(hidden, w.val()),
                 None if hidden.is_tracked() => crate::qop::quant_linear(
                     hidden,
                     self.embed.quant.as_ref().expect("embedding matrix"),

@@ -93,7 +93,7 @@ fn host(t: FlexTensor) -> (Vec<f32>, Vec<usize>) {
 
 /// `t` with contiguous f32 storage: itself when it already has it (no copy, even when the
 /// autograph shares it), otherwise a converted copy.
-fn dense(t: FlexTensor) -> FlexTensor {
+pub(crate) fn dense(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         return t;
     }
@@ -101,15 +101,15 @@ fn dense(t: FlexTensor) -> FlexTensor {
 }
 
 /// The values of a tensor made by [`dense`].
-fn values(t: &FlexTensor) -> &[f32] {
+pub(crate) fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a dense f32 tensor")
 }
 
-fn dims(t: &FlexTensor) -> Vec<usize> {
+pub(crate) fn dims(t: &FlexTensor) -> Vec<usize> {
     t.layout().shape().to_vec()
 }
 
-fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+pub(crate) fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 

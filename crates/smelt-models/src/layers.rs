@@ -63,7 +63,7 @@ impl Dense {
 
     /// `[..., d_in]` to `[..., d_out]`.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(input, self.weight.val(), Some(self.bias.val()))
+        crate::fused_linear::linear(input, self.weight.val(), Some(self.bias.val()))
     }
 
     /// The layer's tensors under Hugging Face names and layout.

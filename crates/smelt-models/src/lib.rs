@@ -8,6 +8,7 @@ pub mod dropout;
 pub mod error;
 pub mod fsutil;
 pub mod fused;
+pub mod fused_linear;
 pub mod gguf;
 pub mod host_decode;
 pub mod init;

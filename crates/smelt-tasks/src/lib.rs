@@ -1,5 +1,6 @@
 //! smelt's tasks: what a user runs, built from the model, data and training layers.
 
+pub mod allocator;
 pub mod classify;
 pub mod error;
 pub mod lm;
