@@ -358,9 +358,7 @@ impl LmNorm {
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match &self.bias {
-            Some(b) => {
-                burn::tensor::module::layer_norm(x, self.weight.val(), Some(b.val()), self.eps)
-            }
+            Some(b) => crate::fused::layer_norm(x, self.weight.val(), b.val(), self.eps),
             None => {
                 let ms = x.clone().powi_scalar(2).mean_dim(2);
                 let inv = (ms + self.eps).sqrt().recip();

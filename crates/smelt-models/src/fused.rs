@@ -339,9 +339,6 @@ fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (dg, du)
 }
 
-/// `c[m, n] (+)= beta · a[m, k] · b[k, n]` for row-major `c`, with `a` and `b` given by
-/// their row and column strides.
-#[allow(clippy::too_many_arguments)]
 const LANES: usize = 8;
 
 /// The largest value of `x` (NEG_INFINITY when empty), in lanes so that the loop vectorises.
@@ -389,6 +386,9 @@ fn lanes_sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `c[m, n] (+)= beta · a[m, k] · b[k, n]` for row-major `c`, with `a` and `b` given by
+/// their row and column strides.
+#[allow(clippy::too_many_arguments)]
 fn mm(
     (m, n, k): (usize, usize, usize),
     a: &[f32],
@@ -612,16 +612,36 @@ fn attention_backward(
     (dq, dk, dv)
 }
 
+/// `sum(e^(x[i] - shift))` in f32 lanes.
+#[inline]
+fn lanes_exp_sum(x: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - shift)).sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += exp(c[i] - shift);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Logits per block of the log-sum-exp: summed in f32 lanes inside a block, blocks in f64.
+const LSE_BLOCK: usize = 256;
+
 /// Per row: `(log-sum-exp, logit of the target)`.
 fn row_stats(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<(f32, f32)> {
     logits
         .par_chunks(vocab)
         .zip(targets.par_iter())
         .map(|(row, &t)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            // Summed in f64: an f32 running sum over a 50k vocabulary drifts by 1e-5, which
-            // no longer cancels in the gradient (`softmax - onehot` must sum to zero).
-            let sum: f64 = row.iter().map(|&v| exp(v - max) as f64).sum();
+            let max = lanes_max(row);
+            // Blocks summed in f64: an f32 running sum over a 50k vocabulary drifts by 1e-5,
+            // which no longer cancels in the gradient (`softmax - onehot` must sum to zero).
+            let sum: f64 = row
+                .chunks(LSE_BLOCK)
+                .map(|block| lanes_exp_sum(block, max) as f64)
+                .sum();
             (max + sum.ln() as f32, row[t as usize])
         })
         .collect()
@@ -641,18 +661,25 @@ fn cross_entropy_backward(
     lse: &[f32],
     scale: f32,
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; logits.len()];
+    let len = logits.len();
+    let mut dx = Vec::<f32>::with_capacity(len);
     let n = targets.len().max(1) as f32;
     let s = scale / n;
-    dx.par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab))
-        .zip(targets.par_iter().zip(lse.par_iter()))
-        .for_each(|((d, row), (&t, &lse))| {
-            for (d, &v) in d.iter_mut().zip(row) {
-                *d = s * exp(v - lse);
-            }
-            d[t as usize] -= s;
-        });
+    if vocab > 0 {
+        dx.spare_capacity_mut()[..len]
+            .par_chunks_mut(vocab)
+            .zip(logits.par_chunks(vocab))
+            .zip(targets.par_iter().zip(lse.par_iter()))
+            .for_each(|((d, row), (&t, &lse))| {
+                for (d, &v) in d.iter_mut().zip(row) {
+                    d.write(s * exp(v - lse));
+                }
+                d[t as usize].write(s * exp(row[t as usize] - lse) - s);
+            });
+    }
+    // SAFETY: the loop above wrote every row of `vocab` values (one row per target, and the
+    // caller checked that the rows and targets agree).
+    unsafe { dx.set_len(len) };
     dx
 }
 
@@ -687,10 +714,10 @@ impl FusedBackend for Flex {
     }
 
     fn cross_entropy(logits: FloatTensor<Self>, targets: Targets) -> FloatTensor<Self> {
-        let (l, shape) = host(logits);
-        let vocab = shape[1];
-        check_targets(&targets.0, shape[0], vocab);
-        let (loss, _) = cross_entropy_forward(&l, vocab, &targets.0);
+        let logits = dense(logits);
+        let shape = dims(&logits);
+        check_targets(&targets.0, shape[0], shape[1]);
+        let (loss, _) = cross_entropy_forward(values(&logits), shape[1], &targets.0);
         flex(vec![loss], vec![1])
     }
 
@@ -837,7 +864,7 @@ struct CrossEntropyBackward {
 }
 
 impl Backward<Flex, 1> for CrossEntropyBackward {
-    /// The logits and each row's log-sum-exp.
+    /// The logits (dense, shared with the graph) and each row's log-sum-exp.
     type State = (FlexTensor, Vec<f32>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -845,9 +872,9 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
         let g = grads.consume::<Flex>(&ops.node);
         if let Some(node) = parent {
             let (logits, lse) = ops.state;
-            let (l, shape) = host(logits);
+            let shape = dims(&logits);
             let (g, _) = host(g);
-            let dx = cross_entropy_backward(&l, shape[1], &self.targets, &lse, g[0]);
+            let dx = cross_entropy_backward(values(&logits), shape[1], &self.targets, &lse, g[0]);
             grads.register::<Flex>(node.id, flex(dx, shape));
         }
     }
@@ -923,10 +950,10 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
         };
         match op.prepare::<C>([logits.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let input = logits.primitive().clone();
-                let (l, shape) = host(input.clone());
+                let input = dense(logits.primitive().clone());
+                let shape = dims(&input);
                 check_targets(&targets.0, shape[0], shape[1]);
-                let (loss, lse) = cross_entropy_forward(&l, shape[1], &targets.0);
+                let (loss, lse) = cross_entropy_forward(values(&input), shape[1], &targets.0);
                 prep.finish((input, lse), flex(vec![loss], vec![1]))
             }
             OpsKind::UnTracked(prep) => prep.finish(<Flex as FusedBackend>::cross_entropy(
@@ -1229,56 +1256,59 @@ mod tests {
     #[test]
     fn fused_ops_match_the_composed_ones_forward_and_backward() {
         let device = Device::flex().autodiff();
-        let (n, v) = (7, 37);
-        let data = values(n * v, 0.5);
-        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 5) % v as u32).collect();
-        let weights = values(n * v, 9.0);
-        let run = |fused: bool| -> (f32, Vec<f32>, Vec<f32>) {
-            let x = Tensor::<2>::from_data(TensorData::new(data.clone(), [n, v]), &device)
-                .require_grad();
-            let w = Tensor::<2>::from_data(TensorData::new(weights.clone(), [n, v]), &device);
-            let g = if fused {
-                gelu_tanh(x.clone())
-            } else {
-                let c = (2.0f64 / std::f64::consts::PI).sqrt();
-                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
-                x.clone() * (inner.tanh() + 1.0) * 0.5
+        // One short row, and rows of several log-sum-exp blocks with a ragged tail.
+        for (n, v) in [(7, 37), (5, 1003)] {
+            let data = values(n * v, 0.5);
+            let targets: Vec<u32> = (0..n as u32).map(|i| (i * 5) % v as u32).collect();
+            let weights = values(n * v, 9.0);
+            let run = |fused: bool| -> (f32, Vec<f32>, Vec<f32>) {
+                let x = Tensor::<2>::from_data(TensorData::new(data.clone(), [n, v]), &device)
+                    .require_grad();
+                let w = Tensor::<2>::from_data(TensorData::new(weights.clone(), [n, v]), &device);
+                let g = if fused {
+                    gelu_tanh(x.clone())
+                } else {
+                    let c = (2.0f64 / std::f64::consts::PI).sqrt();
+                    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
+                    x.clone() * (inner.tanh() + 1.0) * 0.5
+                };
+                let loss = if fused {
+                    cross_entropy(g.clone() * w.clone(), &targets)
+                } else {
+                    let t = Tensor::<1, burn::tensor::Int>::from_data(
+                        TensorData::new(targets.iter().map(|&t| t as i64).collect::<Vec<_>>(), [n]),
+                        &device,
+                    );
+                    crate::bert::cross_entropy(g.clone() * w, t)
+                };
+                let gs = g
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                let l = loss.clone().into_scalar::<f32>();
+                let grads = loss.backward();
+                let dx = x
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                (l, gs, dx)
             };
-            let loss = if fused {
-                cross_entropy(g.clone() * w.clone(), &targets)
-            } else {
-                let t = Tensor::<1, burn::tensor::Int>::from_data(
-                    TensorData::new(targets.iter().map(|&t| t as i64).collect::<Vec<_>>(), [n]),
-                    &device,
-                );
-                crate::bert::cross_entropy(g.clone() * w, t)
-            };
-            let gs = g
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap();
-            let l = loss.clone().into_scalar::<f32>();
-            let grads = loss.backward();
-            let dx = x
-                .grad(&grads)
-                .unwrap()
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap();
-            (l, gs, dx)
-        };
-        let (l1, g1, d1) = run(true);
-        let (l2, g2, d2) = run(false);
-        assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
-        for (a, b) in g1.iter().zip(&g2) {
-            assert!((a - b).abs() < 1e-5, "gelu {a} vs {b}");
-        }
-        for (a, b) in d1.iter().zip(&d2) {
-            assert!((a - b).abs() < 1e-6, "gradient {a} vs {b}");
+            let (l1, g1, d1) = run(true);
+            let (l2, g2, d2) = run(false);
+            assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
+            for (a, b) in g1.iter().zip(&g2) {
+                assert!((a - b).abs() < 1e-5, "gelu {a} vs {b}");
+            }
+            for (a, b) in d1.iter().zip(&d2) {
+                assert!((a - b).abs() < 1e-6, "gradient {a} vs {b}");
+            }
         }
     }
+
     #[test]
     fn fused_gelu_erf_and_layer_norm_match_the_composed_ones_with_gradients() {
         let device = Device::flex().autodiff();
