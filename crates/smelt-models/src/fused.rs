@@ -343,7 +343,7 @@ const LANES: usize = 8;
 
 /// The largest value of `x` (NEG_INFINITY when empty), in lanes so that the loop vectorises.
 #[inline]
-fn lanes_max(x: &[f32]) -> f32 {
+pub(crate) fn lanes_max(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -374,7 +374,7 @@ fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `sum(x)` in f32 lanes.
 #[inline]
-fn lanes_sum(x: &[f32]) -> f32 {
+pub(crate) fn lanes_sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().sum();

@@ -9,6 +9,7 @@
 
 use crate::causal::{Arch, CausalLm, Linear, LmNorm};
 use crate::error::{ModelError, Result};
+use crate::fused::{exp, lanes_max, lanes_sum};
 use crate::quant::{matmul_group, matvec_team, quantize, GgmlType, QMatrix};
 use crate::team::Team;
 use crate::weights::tensor_to_vec;
@@ -301,7 +302,7 @@ impl HostModel {
                     let (mut g, u) = (gu.next().unwrap(), gu.next().unwrap());
                     g.iter_mut()
                         .zip(&u)
-                        .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                        .for_each(|(g, u)| *g = *g / (1.0 + exp(-*g)) * u);
                     g
                 }
                 None => {
@@ -384,14 +385,11 @@ fn attention(
         let mut scores: Vec<f32> = (0..n)
             .map(|p| dot(qh, &k[p * kvd + g * hd..][..hd]) * scale)
             .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut total = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
+        let max = lanes_max(&scores);
+        scores.iter_mut().for_each(|s| *s = exp(*s - max));
+        let inv_total = 1.0 / lanes_sum(&scores);
         for (p, s) in scores.iter().enumerate() {
-            let w = s / total;
+            let w = s * inv_total;
             let vp = &v[p * kvd + g * hd..][..hd];
             o.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);
         }

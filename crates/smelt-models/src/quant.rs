@@ -369,10 +369,6 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: std::sync::Arc<Vec<u8>>,
-    /// The f16 scales of every block as f32 (`d` and, for Q4_1, `m`), made on first use by
-    /// the four-row kernels: reading them costs fewer instructions than converting them in
-    /// every block, and the kernels are limited by instructions, not memory.
-    scales: std::sync::Arc<std::sync::OnceLock<Vec<f32>>>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -399,26 +395,7 @@ impl QMatrix {
             rows,
             cols,
             data: std::sync::Arc::new(data),
-            scales: Default::default(),
         })
-    }
-
-    /// Per-block f32 scales (see `scales`): `[d, m]` per block for Q4_1, `[d]` for Q8_0.
-    fn block_scales(&self) -> Option<&[f32]> {
-        let fields: &[usize] = match self.ty {
-            GgmlType::Q4_1 => &[0, 2],
-            GgmlType::Q8_0 => &[0],
-            _ => return None,
-        };
-        let s = self.scales.get_or_init(|| {
-            let ts = self.ty.type_size();
-            let mut out = Vec::with_capacity(self.data.len() / ts * fields.len());
-            for b in self.data.chunks_exact(ts) {
-                out.extend(fields.iter().map(|&at| half(b, at)));
-            }
-            out
-        });
-        Some(s)
     }
 
     fn row_bytes(&self) -> usize {
@@ -456,7 +433,6 @@ impl QMatrix {
             rows: order.len(),
             cols: self.cols,
             data: std::sync::Arc::new(data),
-            scales: Default::default(),
         }
     }
 
@@ -732,6 +708,8 @@ pub fn matvec_team(team: &crate::team::Team, ms: &[&QMatrix], x: &[f32]) -> Vec<
     assert_eq!(x.len(), cols, "one activation row");
     let acts = (!exact_activations() && cols % 32 == 0 && ms.iter().any(|m| has_int8_kernel(m.ty)))
         .then(|| Q8Acts::new(x));
+    // Sums of `x` per block of 32, shared by every row (the offset term of Q4_1).
+    let block_sums: Vec<f32> = x.chunks_exact(32).map(|b| b.iter().sum()).collect();
     let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows]).collect();
     let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
     let mut offsets = Vec::with_capacity(ms.len() + 1);
@@ -741,8 +719,9 @@ pub fn matvec_team(team: &crate::team::Team, ms: &[&QMatrix], x: &[f32]) -> Vec<
     }
     let total = *offsets.last().unwrap_or(&0);
     // Rows are handed out in small chunks from a shared counter, so a member that runs slower
-    // (a busier core, a colder cache) takes fewer of them instead of holding the others up.
-    let chunk = (total / (team.threads() * 4)).clamp(16, 4096);
+    // (a busier core, a colder cache) takes fewer of them instead of holding the others up,
+    // and the last chunk, for which the others wait, is short.
+    let chunk = (total / (team.threads() * 16)).clamp(16, 1024) / 4 * 4;
     let next = std::sync::atomic::AtomicUsize::new(0);
     team.run(&|_, _| loop {
         let start = next.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
@@ -757,31 +736,19 @@ pub fn matvec_team(team: &crate::team::Team, ms: &[&QMatrix], x: &[f32]) -> Vec<
                 mi += 1;
             }
             let m = ms[mi];
-            let r = g - offsets[mi];
-            // Four rows of the same matrix at once where a four-row kernel applies.
-            if acts.is_none() && g + 4 <= end.min(offsets[mi + 1]) {
-                let rows = [m.row(r), m.row(r + 1), m.row(r + 2), m.row(r + 3)];
-                let per_row = m.block_scales().map(|s| (s, s.len() / m.rows));
-                let scales =
-                    per_row.map(|(s, n)| [0, 1, 2, 3].map(|k| &s[(r + k) * n..(r + k + 1) * n]));
-                if let Some(v) = scales.and_then(|s| kernels::dot_rows4(m.ty, rows, s, x)) {
-                    for (k, val) in v.into_iter().enumerate() {
-                        // SAFETY: as below; rows r..r+4 lie in this chunk.
-                        unsafe { *ptrs[mi].0.add(r + k) = val };
-                    }
-                    g += 4;
-                    continue;
-                }
-            }
-            g += 1;
-            let w = m.row(r);
-            let v = match (&acts, has_int8_kernel(m.ty)) {
-                (Some(a), true) => kernels::dot_row_q8(m.ty, w, a),
-                _ => kernels::dot_row(m.ty, w, x),
-            };
+            let (r0, r1) = (g - offsets[mi], end.min(offsets[mi + 1]) - offsets[mi]);
             // SAFETY: every global row belongs to exactly one chunk, so each output element
             // is written once, and `outs` outlives `run`.
-            unsafe { *ptrs[mi].0.add(r) = v };
+            let out = unsafe { std::slice::from_raw_parts_mut(ptrs[mi].0.add(r0), r1 - r0) };
+            match &acts {
+                Some(a) if has_int8_kernel(m.ty) => {
+                    for (r, o) in (r0..r1).zip(out.iter_mut()) {
+                        *o = kernels::dot_row_q8(m.ty, m.row(r), a);
+                    }
+                }
+                _ => kernels::dot_rows(m, r0, x, &block_sums, out),
+            }
+            g += r1 - r0;
         }
     });
     outs
@@ -839,27 +806,42 @@ mod kernels {
         }
     }
 
-    /// Dot products of four rows with the same `x`, when a four-row kernel exists for `ty` on
-    /// this CPU: `x` is loaded once per block for all four, and four independent accumulator
-    /// chains keep the FMA units busy.
-    #[inline]
-    /// `s` holds each row's per-block f32 scales.
-    pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], s: [&[f32]; 4], x: &[f32]) -> Option<[f32; 4]> {
+    /// f32 values of all 65,536 f16 bit patterns: the four-row kernels look block scales up
+    /// here (two loads, no arithmetic) and read the blocks as stored.
+    fn f16_table() -> &'static [f32] {
+        static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+        TABLE.get_or_init(|| {
+            (0..=u16::MAX)
+                .map(|b| half::f16::from_bits(b).to_f32())
+                .collect()
+        })
+    }
+
+    /// `out[i] = row (r0 + i) · x` for consecutive rows of `m`; `sums` holds the sums of `x`
+    /// per block of 32. Groups of four rows go to four-row kernels where the CPU and the
+    /// type have one: `x` is loaded once per block for all four, and four independent
+    /// accumulator chains keep the FMA units busy.
+    pub fn dot_rows(m: &super::QMatrix, r0: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+        let mut r = r0;
+        let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        {
-            if avx512::available() {
-                // SAFETY: `available` checked the features the kernels are compiled for.
-                return unsafe {
-                    match ty {
-                        GgmlType::Q4_1 => Some(avx512::q4_1_x4(w, s, x)),
-                        GgmlType::Q8_0 => Some(avx512::q8_0_x4(w, s, x)),
-                        _ => None,
-                    }
-                };
+        if avx512::available() && matches!(m.ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
+            let groups = out.len() / 4;
+            let rb = m.row_bytes();
+            let rows = &m.data[r0 * rb..(r0 + 4 * groups) * rb];
+            // SAFETY: `available` checked the features the kernels are compiled for; `rows`
+            // holds `4 · groups` whole rows of `x.len()` weights, and `sums` one value per
+            // block of `x`.
+            unsafe {
+                avx512::rows4(m.ty, rows, rb, f16_table(), x, sums, &mut out[..4 * groups]);
             }
+            done = 4 * groups;
+            r += done;
         }
-        let _ = (ty, w, s, x);
-        None
+        for o in &mut out[done..] {
+            *o = dot_row(m.ty, m.row(r), x);
+            r += 1;
+        }
     }
 
     /// Dot product of one quantized row with `x`.
@@ -944,27 +926,54 @@ mod kernels {
             _mm512_reduce_add_ps(_mm512_add_ps(acc, offset))
         }
 
+        /// Four-row kernel over `out.len()` (a multiple of four) consecutive rows of `rb`
+        /// bytes each, stored in `rows`; Q4_1 or Q8_0 only.
         #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
-        pub unsafe fn q4_1_x4(w: [&[u8]; 4], sc: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        pub unsafe fn rows4(
+            ty: super::GgmlType,
+            rows: &[u8],
+            rb: usize,
+            lut: &[f32],
+            x: &[f32],
+            sums: &[f32],
+            out: &mut [f32],
+        ) {
+            debug_assert_eq!(rows.len(), out.len() * rb);
+            let base = rows.as_ptr();
+            for (g, o) in out.chunks_exact_mut(4).enumerate() {
+                let p = base.add(4 * g * rb);
+                let w = [p, p.add(rb), p.add(2 * rb), p.add(3 * rb)];
+                let v = match ty {
+                    super::GgmlType::Q4_1 => q4_1_x4(w, lut, x, sums),
+                    _ => q8_0_x4(w, lut, x),
+                };
+                o.copy_from_slice(&v);
+            }
+        }
+
+        /// Q4_1 times f32 for four rows, the block scales looked up in `lut` (f16 bits to
+        /// f32): a table read costs two loads and no arithmetic, so the blocks are read as
+        /// stored, 20 bytes each. Each byte's two codes are split after widening it to 32
+        /// bits (a mask and a shift), one widening per block.
+        #[inline(always)]
+        unsafe fn q4_1_x4(w: [*const u8; 4], lut: &[f32], x: &[f32], sums: &[f32]) -> [f32; 4] {
             let blocks = x.len() / 32;
-            let mask = _mm_set1_epi8(0x0f);
+            let low = _mm512_set1_epi32(0x0f);
             let mut acc = [_mm512_setzero_ps(); 4];
             let mut off = [0f32; 4];
             for b in 0..blocks {
                 let xp = x.as_ptr().add(32 * b);
                 let x0 = _mm512_loadu_ps(xp);
                 let x1 = _mm512_loadu_ps(xp.add(16));
-                let sx = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
+                let sx = *sums.get_unchecked(b);
                 for r in 0..4 {
-                    let blk = w[r].as_ptr().add(20 * b);
-                    let d = *sc[r].get_unchecked(2 * b);
-                    let m = *sc[r].get_unchecked(2 * b + 1);
-                    let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
-                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                        _mm_srli_epi16(q, 4),
-                        mask,
-                    )));
+                    let blk = w[r].add(20 * b);
+                    let d = *lut.get_unchecked(u16::from_le_bytes([*blk, *blk.add(1)]) as usize);
+                    let m =
+                        *lut.get_unchecked(u16::from_le_bytes([*blk.add(2), *blk.add(3)]) as usize);
+                    let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
                     let s = _mm512_fmadd_ps(lo, x0, _mm512_mul_ps(hi, x1));
                     acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc[r]);
                     off[r] += m * sx;
@@ -978,8 +987,9 @@ mod kernels {
             ]
         }
 
-        #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
-        pub unsafe fn q8_0_x4(w: [&[u8]; 4], sc: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        /// Q8_0 times f32 for four rows, the block scales looked up in `lut`.
+        #[inline(always)]
+        unsafe fn q8_0_x4(w: [*const u8; 4], lut: &[f32], x: &[f32]) -> [f32; 4] {
             let blocks = x.len() / 32;
             let mut acc = [_mm512_setzero_ps(); 4];
             for b in 0..blocks {
@@ -987,8 +997,8 @@ mod kernels {
                 let x0 = _mm512_loadu_ps(xp);
                 let x1 = _mm512_loadu_ps(xp.add(16));
                 for r in 0..4 {
-                    let blk = w[r].as_ptr().add(34 * b);
-                    let d = *sc[r].get_unchecked(b);
+                    let blk = w[r].add(34 * b);
+                    let d = *lut.get_unchecked(u16::from_le_bytes([*blk, *blk.add(1)]) as usize);
                     let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
                     let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
                     let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
