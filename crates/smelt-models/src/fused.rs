@@ -148,32 +148,77 @@ fn tanh(u: f32) -> f32 {
     t.copysign(u)
 }
 
-fn gelu_forward(x: &[f32]) -> Vec<f32> {
+vectorized! {
+    fn gelu_tanh_chunk(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            let u = SQRT_2_OVER_PI * (x + GELU_A * x * x * x);
+            *y = 0.5 * x * (1.0 + tanh(u));
+        }
+    }
+
+    fn gelu_tanh_grad_chunk(dx: &mut [f32], x: &[f32], g: &[f32]) {
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let x2 = x * x;
+            let t = tanh(SQRT_2_OVER_PI * (x + GELU_A * x2 * x));
+            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * x2);
+            *dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+        }
+    }
+
+    fn gelu_erf_chunk(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+
+    fn gelu_erf_grad_chunk(dx: &mut [f32], x: &[f32], g: &[f32]) {
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            *dx = g * (cdf + x * pdf);
+        }
+    }
+
+    fn swiglu_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g / (1.0 + exp(-g)) * u;
+        }
+    }
+
+    fn swiglu_grad_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        for i in 0..g.len() {
+            let s = 1.0 / (1.0 + exp(-g[i]));
+            let silu = g[i] * s;
+            du[i] = dy[i] * silu;
+            dg[i] = dy[i] * u[i] * (s + silu * (1.0 - s));
+        }
+    }
+}
+
+/// `f(out_chunk, in_chunk)` over matching chunks of `x`, in parallel, into a new buffer.
+fn map_chunks(x: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                let u = SQRT_2_OVER_PI * (x + GELU_A * x * x * x);
-                *y = 0.5 * x * (1.0 + tanh(u));
-            }
-        });
+        .for_each(|(y, x)| f(y, x));
     y
 }
 
+/// `f(out_chunk, a_chunk, b_chunk)` over matching chunks, in parallel, into a new buffer.
+fn zip_chunks(a: &[f32], b: &[f32], f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| f(y, a, b));
+    y
+}
+
+fn gelu_forward(x: &[f32]) -> Vec<f32> {
+    map_chunks(x, gelu_tanh_chunk)
+}
+
 fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, g))| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                let x2 = x * x;
-                let t = tanh(SQRT_2_OVER_PI * (x + GELU_A * x2 * x));
-                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * x2);
-                *dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
-            }
-        });
-    dx
+    zip_chunks(x, g, gelu_tanh_grad_chunk)
 }
 
 /// `erf(x)` within 1.5e-7 (Abramowitz and Stegun 7.1.26), vectorisable.
@@ -192,29 +237,11 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 fn gelu_erf_forward(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-            }
-        });
-    y
+    map_chunks(x, gelu_erf_chunk)
 }
 
 fn gelu_erf_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, g))| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
-                *dx = g * (cdf + x * pdf);
-            }
-        });
-    dx
+    zip_chunks(x, g, gelu_erf_grad_chunk)
 }
 
 /// Rows per parallel task of the LayerNorm kernels.
@@ -237,22 +264,67 @@ fn layer_norm_forward(
     y.par_chunks_mut(step * w)
         .zip(x.par_chunks(step * w))
         .zip(stats.par_chunks_mut(step))
-        .for_each(|((y, x), stats)| {
-            for ((y, x), st) in y.chunks_exact_mut(w).zip(x.chunks_exact(w)).zip(stats) {
-                let mean = lanes_sum(x) / w as f32;
-                // The centred values go through `y` to get the variance in one more pass.
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x - mean;
-                }
-                let var = lanes_dot(y, y) as f64 / w as f64;
-                let rstd = (1.0 / (var + eps).sqrt()) as f32;
-                for ((y, &g), &b) in y.iter_mut().zip(gamma).zip(beta) {
-                    *y = *y * rstd * g + b;
-                }
-                *st = (mean, rstd);
-            }
-        });
+        .for_each(|((y, x), stats)| layer_norm_rows(y, x, stats, (gamma, beta), eps));
     (y, stats)
+}
+
+vectorized! {
+    /// LayerNorm of whole rows of `x` into `y`, with each row's (mean, 1 / std).
+    fn layer_norm_rows(
+        y: &mut [f32],
+        x: &[f32],
+        stats: &mut [(f32, f32)],
+        (gamma, beta): (&[f32], &[f32]),
+        eps: f64,
+    ) {
+        let w = gamma.len();
+        for ((y, x), st) in y.chunks_exact_mut(w).zip(x.chunks_exact(w)).zip(stats) {
+            let mean = lanes_sum(x) / w as f32;
+            // The centred values go through `y` to get the variance in one more pass.
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x - mean;
+            }
+            let var = lanes_dot(y, y) as f64 / w as f64;
+            let rstd = (1.0 / (var + eps).sqrt()) as f32;
+            for ((y, &g), &b) in y.iter_mut().zip(gamma).zip(beta) {
+                *y = *y * rstd * g + b;
+            }
+            *st = (mean, rstd);
+        }
+    }
+
+    /// LayerNorm's input gradient for whole rows, adding each row's scale and shift
+    /// gradients to `dgamma` and `dbeta`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_grad_rows(
+        dx: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        stats: &[(f32, f32)],
+        gamma: &[f32],
+        (dgamma, dbeta): (&mut [f32], &mut [f32]),
+        (xhat, gx): (&mut [f32], &mut [f32]),
+    ) {
+        let w = gamma.len();
+        for (((dx, x), dy), &(mean, rstd)) in dx
+            .chunks_exact_mut(w)
+            .zip(x.chunks_exact(w))
+            .zip(dy.chunks_exact(w))
+            .zip(stats)
+        {
+            for j in 0..w {
+                xhat[j] = (x[j] - mean) * rstd;
+                gx[j] = dy[j] * gamma[j];
+                dgamma[j] += dy[j] * xhat[j];
+                dbeta[j] += dy[j];
+            }
+            let mg = lanes_sum(gx) / w as f32;
+            let mgx = lanes_dot(gx, xhat) / w as f32;
+            for j in 0..w {
+                dx[j] = rstd * (gx[j] - mg - xhat[j] * mgx);
+            }
+        }
+    }
 }
 
 /// Gradients of LayerNorm: `(dx, dgamma, dbeta)`.
@@ -274,24 +346,15 @@ fn layer_norm_backward(
             let mut dbeta = vec![0f32; w];
             let mut xhat = vec![0f32; w];
             let mut gx = vec![0f32; w];
-            for (((dx, x), dy), &(mean, rstd)) in dx
-                .chunks_exact_mut(w)
-                .zip(x.chunks_exact(w))
-                .zip(dy.chunks_exact(w))
-                .zip(stats)
-            {
-                for j in 0..w {
-                    xhat[j] = (x[j] - mean) * rstd;
-                    gx[j] = dy[j] * gamma[j];
-                    dgamma[j] += dy[j] * xhat[j];
-                    dbeta[j] += dy[j];
-                }
-                let mg = lanes_sum(&gx) / w as f32;
-                let mgx = lanes_dot(&gx, &xhat) / w as f32;
-                for j in 0..w {
-                    dx[j] = rstd * (gx[j] - mg - xhat[j] * mgx);
-                }
-            }
+            layer_norm_grad_rows(
+                dx,
+                x,
+                dy,
+                stats,
+                gamma,
+                (&mut dgamma, &mut dbeta),
+                (&mut xhat, &mut gx),
+            );
             (dgamma, dbeta)
         })
         .collect();
@@ -307,15 +370,7 @@ fn layer_norm_backward(
 }
 
 fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; g.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(y, (g, u))| {
-            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y = g / (1.0 + exp(-g)) * u;
-            }
-        });
-    y
+    zip_chunks(g, u, swiglu_chunk)
 }
 
 /// Gradients of `silu(g) * u` with respect to `g` and `u`.
@@ -328,14 +383,7 @@ fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
             g.par_chunks(CHUNK)
                 .zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))),
         )
-        .for_each(|((dg, du), (g, (u, dy)))| {
-            for i in 0..g.len() {
-                let s = 1.0 / (1.0 + exp(-g[i]));
-                let silu = g[i] * s;
-                du[i] = dy[i] * silu;
-                dg[i] = dy[i] * u[i] * (s + silu * (1.0 - s));
-            }
-        });
+        .for_each(|((dg, du), (g, (u, dy)))| swiglu_grad_chunk(dg, du, g, u, dy));
     (dg, du)
 }
 
@@ -491,17 +539,7 @@ fn attention_forward(
                     // Keys 0..limit, the rest masked: loops that vectorise.
                     let (live, dead) = row.split_at_mut(limit);
                     dead.fill(0.0);
-                    if live.is_empty() {
-                        continue;
-                    }
-                    let max = lanes_max(live);
-                    for x in live.iter_mut() {
-                        *x = exp(*x - max);
-                    }
-                    let inv = 1.0 / lanes_sum(live);
-                    for x in live.iter_mut() {
-                        *x *= inv;
-                    }
+                    softmax_in_place(live);
                     continue;
                 }
                 let valid =
@@ -587,14 +625,7 @@ fn attention_backward(
                         *x *= mj;
                     }
                 }
-                for i in 0..t {
-                    let p = &ph[i * s..(i + 1) * s];
-                    let row = &mut dp[i * s..(i + 1) * s];
-                    let dot = lanes_dot(p, row);
-                    for (x, &pj) in row.iter_mut().zip(p) {
-                        *x = pj * (*x - dot);
-                    }
-                }
+                softmax_grad_rows(&mut dp, ph, s);
                 // dQ = dS · K · scale; dK += dSᵀ · Q · scale
                 mm(
                     (t, d, s),
@@ -610,6 +641,57 @@ fn attention_backward(
             }
         });
     (dq, dk, dv)
+}
+
+vectorized! {
+    /// Softmax of `x` in place (nothing to do when empty).
+    fn softmax_in_place(x: &mut [f32]) {
+        if x.is_empty() {
+            return;
+        }
+        let max = lanes_max(x);
+        for v in x.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / lanes_sum(x);
+        for v in x.iter_mut() {
+            *v *= inv;
+        }
+    }
+
+    /// Through softmax backwards, row by row of width `s`: `dp ← p ⊙ (dp − rowsum(p ⊙ dp))`.
+    fn softmax_grad_rows(dp: &mut [f32], p: &[f32], s: usize) {
+        for (row, p) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+            let dot = lanes_dot(p, row);
+            for (x, &pj) in row.iter_mut().zip(p) {
+                *x = pj * (*x - dot);
+            }
+        }
+    }
+
+    /// `(log-sum-exp, logit of the target)` of one logit row.
+    fn row_lse(row: &[f32], target: usize) -> (f32, f32) {
+        let max = lanes_max(row);
+        // Blocks summed in f64: an f32 running sum over a 50k vocabulary drifts by 1e-5,
+        // which no longer cancels in the gradient (`softmax - onehot` must sum to zero).
+        let sum: f64 = row
+            .chunks(LSE_BLOCK)
+            .map(|block| lanes_exp_sum(block, max) as f64)
+            .sum();
+        (max + sum.ln() as f32, row[target])
+    }
+
+    /// One row of the cross-entropy gradient: `s · (softmax(row) − onehot(target))`.
+    fn cross_entropy_grad_row(
+        d: &mut [std::mem::MaybeUninit<f32>],
+        row: &[f32],
+        (target, lse, s): (usize, f32, f32),
+    ) {
+        for (d, &v) in d.iter_mut().zip(row) {
+            d.write(s * exp(v - lse));
+        }
+        d[target].write(s * exp(row[target] - lse) - s);
+    }
 }
 
 /// `sum(e^(x[i] - shift))` in f32 lanes.
@@ -634,16 +716,7 @@ fn row_stats(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<(f32, f32)> {
     logits
         .par_chunks(vocab)
         .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let max = lanes_max(row);
-            // Blocks summed in f64: an f32 running sum over a 50k vocabulary drifts by 1e-5,
-            // which no longer cancels in the gradient (`softmax - onehot` must sum to zero).
-            let sum: f64 = row
-                .chunks(LSE_BLOCK)
-                .map(|block| lanes_exp_sum(block, max) as f64)
-                .sum();
-            (max + sum.ln() as f32, row[t as usize])
-        })
+        .map(|(row, &t)| row_lse(row, t as usize))
         .collect()
 }
 
@@ -670,12 +743,7 @@ fn cross_entropy_backward(
             .par_chunks_mut(vocab)
             .zip(logits.par_chunks(vocab))
             .zip(targets.par_iter().zip(lse.par_iter()))
-            .for_each(|((d, row), (&t, &lse))| {
-                for (d, &v) in d.iter_mut().zip(row) {
-                    d.write(s * exp(v - lse));
-                }
-                d[t as usize].write(s * exp(row[t as usize] - lse) - s);
-            });
+            .for_each(|((d, row), (&t, &lse))| cross_entropy_grad_row(d, row, (t as usize, lse, s)));
     }
     // SAFETY: the loop above wrote every row of `vocab` values (one row per target, and the
     // caller checked that the rows and targets agree).

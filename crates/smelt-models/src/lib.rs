@@ -1,6 +1,9 @@
 //! smelt's tensor and model layer: weight files, devices and Transformer models written
 //! against burn's backend-agnostic tensors.
 
+#[macro_use]
+mod simd;
+
 pub mod bert;
 pub mod causal;
 pub mod device;
