@@ -743,7 +743,9 @@ fn cross_entropy_backward(
             .par_chunks_mut(vocab)
             .zip(logits.par_chunks(vocab))
             .zip(targets.par_iter().zip(lse.par_iter()))
-            .for_each(|((d, row), (&t, &lse))| cross_entropy_grad_row(d, row, (t as usize, lse, s)));
+            .for_each(|((d, row), (&t, &lse))| {
+                cross_entropy_grad_row(d, row, (t as usize, lse, s))
+            });
     }
     // SAFETY: the loop above wrote every row of `vocab` values (one row per target, and the
     // caller checked that the rows and targets agree).

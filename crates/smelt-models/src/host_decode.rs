@@ -379,20 +379,15 @@ fn attention(
     let mut out = vec![0f32; t * heads * hd];
     let one = |(idx, o): (usize, &mut [f32])| {
         let (i, h) = (idx / heads, idx % heads);
-        let g = h / groups;
         let qh = &q[i * heads * hd + h * hd..][..hd];
-        let n = start + i + 1;
-        let mut scores: Vec<f32> = (0..n)
-            .map(|p| dot(qh, &k[p * kvd + g * hd..][..hd]) * scale)
-            .collect();
-        let max = lanes_max(&scores);
-        scores.iter_mut().for_each(|s| *s = exp(*s - max));
-        let inv_total = 1.0 / lanes_sum(&scores);
-        for (p, s) in scores.iter().enumerate() {
-            let w = s * inv_total;
-            let vp = &v[p * kvd + g * hd..][..hd];
-            o.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);
-        }
+        attend_head(
+            qh,
+            (k, v),
+            ((h / groups) * hd, kvd),
+            start + i + 1,
+            scale,
+            o,
+        );
     };
     if t == 1 && team.threads() > 1 && start >= 16 {
         // One new token: its heads are shared out to the decoding team.
@@ -414,6 +409,32 @@ fn attention(
         out.chunks_mut(hd).enumerate().for_each(one);
     }
     out
+}
+
+vectorized! {
+    /// One query head over the first `n` cached positions: `out += softmax(q·K) · V`, the
+    /// head's keys and values at `offset` in rows of `stride` values.
+    fn attend_head(
+        qh: &[f32],
+        (k, v): (&[f32], &[f32]),
+        (offset, stride): (usize, usize),
+        n: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let hd = qh.len();
+        let mut scores: Vec<f32> = (0..n)
+            .map(|p| dot(qh, &k[p * stride + offset..][..hd]) * scale)
+            .collect();
+        let max = lanes_max(&scores);
+        scores.iter_mut().for_each(|s| *s = exp(*s - max));
+        let inv_total = 1.0 / lanes_sum(&scores);
+        for (p, s) in scores.iter().enumerate() {
+            let w = s * inv_total;
+            let vp = &v[p * stride + offset..][..hd];
+            out.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);
+        }
+    }
 }
 
 struct SendPtr(*mut f32);

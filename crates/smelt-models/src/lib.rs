@@ -12,6 +12,7 @@ pub mod error;
 pub mod fsutil;
 pub mod fused;
 pub mod fused_linear;
+pub mod fused_optim;
 pub mod gguf;
 pub mod host_decode;
 pub mod init;

@@ -4,6 +4,7 @@
 use crate::grads::GradStore;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor};
+use smelt_models::fused_optim::{self, AdamStep};
 use smelt_models::weights::{tensor_from_vec, NamedTensor, WeightFile};
 use std::collections::BTreeMap;
 
@@ -40,6 +41,33 @@ pub fn decays(path: &str) -> bool {
 struct Moments {
     m: Tensor<1>,
     v: Tensor<1>,
+}
+
+/// One AdamW update from tensor operations, for devices without the fused kernel:
+/// `(parameter, m, v)`.
+fn composed_adamw(
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    s: AdamStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let param = if s.weight_decay != 0.0 {
+        param.mul_scalar(1.0 - s.lr * s.weight_decay)
+    } else {
+        param
+    };
+    let m = m.mul_scalar(s.beta1) + grad.clone().mul_scalar(1.0 - s.beta1);
+    let v = v.mul_scalar(s.beta2) + grad.powi_scalar(2).mul_scalar(1.0 - s.beta2);
+    let bias1 = 1.0 - s.beta1.powi(s.t);
+    let bias2 = 1.0 - s.beta2.powi(s.t);
+    let denom = v
+        .clone()
+        .sqrt()
+        .div_scalar(bias2.sqrt())
+        .add_scalar(s.epsilon);
+    let updated = param - m.clone().div(denom).mul_scalar(s.lr / bias1);
+    (updated, m, v)
 }
 
 /// The optimizer and its state.
@@ -108,32 +136,24 @@ impl AdamW {
 
     fn update(&mut self, path: &str, param: Tensor<1>, grad: Tensor<1>, lr: f64) -> Tensor<1> {
         let c = self.config;
-        let t = self.step as i32;
-        let param = if decays(path) && c.weight_decay != 0.0 {
-            param.mul_scalar(1.0 - lr * c.weight_decay)
-        } else {
-            param
+        let (m, v) = match self.moments.remove(path) {
+            Some(state) => (state.m, state.v),
+            None => (grad.zeros_like(), grad.zeros_like()),
         };
-        let moments = match self.moments.remove(path) {
-            Some(state) => Moments {
-                m: state.m.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1),
-                v: state.v.mul_scalar(c.beta2) + grad.powi_scalar(2).mul_scalar(1.0 - c.beta2),
-            },
-            None => Moments {
-                m: grad.clone().mul_scalar(1.0 - c.beta1),
-                v: grad.powi_scalar(2).mul_scalar(1.0 - c.beta2),
-            },
+        let step = AdamStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            epsilon: c.epsilon,
+            weight_decay: if decays(path) { c.weight_decay } else { 0.0 },
+            t: self.step as i32,
         };
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
-        let denom = moments
-            .v
-            .clone()
-            .sqrt()
-            .div_scalar(bias2.sqrt())
-            .add_scalar(c.epsilon);
-        let updated = param - moments.m.clone().div(denom).mul_scalar(lr / bias1);
-        self.moments.insert(path.to_string(), moments);
+        let (updated, m, v) =
+            match fused_optim::adamw(param.clone(), grad.clone(), m.clone(), v.clone(), step) {
+                Some(fused) => fused,
+                None => composed_adamw(param, grad, m, v, step),
+            };
+        self.moments.insert(path.to_string(), Moments { m, v });
         updated
     }
 
@@ -188,6 +208,46 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused CPU update and the composed one agree over several steps, with and
+    /// without weight decay.
+    #[test]
+    fn fused_update_matches_the_composed_one() {
+        let device = Device::flex();
+        let n = 40_000;
+        let vals = |seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.013 + seed).sin() * 0.7)
+                .collect()
+        };
+        let t = |v: Vec<f32>| tensor_from_vec(v, [n], &device);
+        for weight_decay in [0.0, 0.01] {
+            let (mut pf, mut mf, mut vf) = (t(vals(1.0)), t(vec![0.0; n]), t(vec![0.0; n]));
+            let (mut pc, mut mc, mut vc) = (pf.clone(), mf.clone(), vf.clone());
+            for step in 1..=4 {
+                let g = t(vals(step as f32 * 3.1));
+                let s = AdamStep {
+                    lr: 1e-3,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    epsilon: 1e-8,
+                    weight_decay,
+                    t: step,
+                };
+                (pf, mf, vf) = fused_optim::adamw(pf, g.clone(), mf, vf, s).expect("CPU");
+                (pc, mc, vc) = composed_adamw(pc, g, mc, vc, s);
+            }
+            let host = |x: &Tensor<1>| x.clone().into_data().try_to_vec::<f32>().unwrap();
+            for (what, a, b) in [("param", &pf, &pc), ("m", &mf, &mc), ("v", &vf, &vc)] {
+                for (x, y) in host(a).iter().zip(host(b)) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                        "{what}: {x} vs {y} (decay {weight_decay})"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn no_decay_for_biases_and_norms() {
