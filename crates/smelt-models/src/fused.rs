@@ -390,7 +390,7 @@ fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
 const LANES: usize = 8;
 
 /// The largest value of `x` (NEG_INFINITY when empty), in lanes so that the loop vectorises.
-#[inline]
+#[inline(always)]
 pub(crate) fn lanes_max(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -406,7 +406,7 @@ pub(crate) fn lanes_max(x: &[f32]) -> f32 {
 }
 
 /// `sum(a[i] * b[i])` in f32 lanes (pairwise over the lanes, so long rows lose little).
-#[inline]
+#[inline(always)]
 fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -421,7 +421,7 @@ fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `sum(x)` in f32 lanes.
-#[inline]
+#[inline(always)]
 pub(crate) fn lanes_sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -695,7 +695,7 @@ vectorized! {
 }
 
 /// `sum(e^(x[i] - shift))` in f32 lanes.
-#[inline]
+#[inline(always)]
 fn lanes_exp_sum(x: &[f32], shift: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);

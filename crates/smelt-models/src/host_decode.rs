@@ -442,7 +442,7 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 
 /// A dot product in eight independent lanes, so that it vectorises.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));

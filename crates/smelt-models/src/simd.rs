@@ -5,7 +5,9 @@
 //! listed instruction set (AVX-512, AVX2 with FMA) and the best one the CPU has is picked at
 //! run time, so the same binary runs everywhere and uses wide vectors where they exist.
 
-/// Wraps each function item in `multiversion` with smelt's target list.
+/// Wraps each function item in `multiversion` with smelt's target list. Helpers called from
+/// these functions must be `#[inline(always)]`: a helper left out of line runs its baseline
+/// (SSE2) code.
 macro_rules! vectorized {
     ($($item:item)*) => {
         $(
