@@ -448,31 +448,17 @@ fn mm(
     beta: f32,
 ) {
     debug_assert!(c.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the strides address only elements inside `a`, `b` and `c` (checked above in
-    // debug builds; every caller passes whole matrices of the stated shapes).
+    // SAFETY: `c` holds `m·n` values; the strides address only elements inside `a` and `b`
+    // (every caller passes whole matrices of the stated shapes). One head's product runs on
+    // one thread: the heads themselves are the parallel tasks.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        crate::fused_linear::scaled_product(
+            (m, n, k),
+            (a, (a_rs, a_cs)),
+            (b, (b_rs, b_cs)),
             c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            beta,
+            (accumulate, beta),
             false,
-            false,
-            false,
-            gemm::Parallelism::None,
         );
     }
 }

@@ -79,19 +79,45 @@ const PARALLEL_MIN: usize = 1 << 18;
 /// # Safety
 /// `c` must be valid for `m·n` writes (and reads when `accumulate`); the strides must address
 /// only elements inside `a` and `b`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn product(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     a: &[f32],
-    (a_rs, a_cs): (usize, usize),
+    a_strides: (usize, usize),
     b: &[f32],
-    (b_rs, b_cs): (usize, usize),
+    b_strides: (usize, usize),
     c: *mut f32,
     accumulate: bool,
 ) {
+    let (m, n, k) = mnk;
+    let parallel = m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        scaled_product(
+            mnk,
+            (a, a_strides),
+            (b, b_strides),
+            c,
+            (accumulate, 1.0),
+            parallel,
+        )
+    }
+}
+
+/// `c (+)= scale · a·b` as in [`product`], on all threads of the pool when `parallel`.
+///
+/// # Safety
+/// As for [`product`].
+pub(crate) unsafe fn scaled_product(
+    (m, n, k): (usize, usize, usize),
+    (a, (a_rs, a_cs)): (&[f32], (usize, usize)),
+    (b, (b_rs, b_cs)): (&[f32], (usize, usize)),
+    c: *mut f32,
+    (accumulate, scale): (bool, f32),
+    parallel: bool,
+) {
     debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     debug_assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN {
+    let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -114,7 +140,7 @@ unsafe fn product(
             b_cs as isize,
             b_rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -322,10 +348,19 @@ impl Backward<Flex, 3> for LinearBackward {
             b: bn.is_some(),
         };
         let (dx, dw, db) = linear_backward(&x, &w, &dy, self.layout, needed);
-        for (node, grad) in [(xn, dx), (wn, dw), (bn, db)] {
-            if let (Some(node), Some(grad)) = (node, grad) {
-                grads.register::<Flex>(node.id, grad);
-            }
+        let ids = [xn, wn, bn].map(|n| n.map(|n| n.id));
+        register(grads, [(ids[0], dx), (ids[1], dw), (ids[2], db)]);
+    }
+}
+
+/// Registers each computed gradient with its parent node.
+fn register<const N: usize>(
+    grads: &mut Gradients,
+    pairs: [(Option<burn::backend::autodiff::NodeId>, Option<FlexTensor>); N],
+) {
+    for (node, grad) in pairs {
+        if let (Some(node), Some(grad)) = (node, grad) {
+            grads.register::<Flex>(node, grad);
         }
     }
 }
@@ -343,11 +378,8 @@ impl Backward<Flex, 2> for LinearBackward {
             b: false,
         };
         let (dx, dw, _) = linear_backward(&x, &w, &dy, self.layout, needed);
-        for (node, grad) in [(xn, dx), (wn, dw)] {
-            if let (Some(node), Some(grad)) = (node, grad) {
-                grads.register::<Flex>(node.id, grad);
-            }
-        }
+        let ids = [xn, wn].map(|n| n.map(|n| n.id));
+        register(grads, [(ids[0], dx), (ids[1], dw)]);
     }
 }
 
