@@ -28,7 +28,8 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    keep_freed_memory();
+    // SAFETY: first thing in `main`, before any other thread is started.
+    unsafe { keep_freed_memory() };
     let dir = std::env::var("SMELT_BENCH_MODEL")
         .map(Into::into)
         .unwrap_or_else(|_| {

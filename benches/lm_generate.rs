@@ -57,7 +57,8 @@ fn bandwidth_gb_s() -> f64 {
 
 fn main() {
     // The allocator settings of the `smelt` binary.
-    smelt_tasks::allocator::keep_freed_memory();
+    // SAFETY: first thing in `main`, before any other thread is started.
+    unsafe { smelt_tasks::allocator::keep_freed_memory() };
     let model: PathBuf = std::env::var("SMELT_BENCH_MODEL")
         .map(Into::into)
         .unwrap_or_else(|_| {

@@ -29,7 +29,8 @@ use common::{keep_freed_memory, peak_rss_mb};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    keep_freed_memory();
+    // SAFETY: first thing in `main`, before any other thread is started.
+    unsafe { keep_freed_memory() };
     let mode = std::env::var("SMELT_BENCH_MODE").unwrap_or_else(|_| "lora".into());
     let steps: usize = std::env::var("SMELT_BENCH_STEPS")
         .ok()

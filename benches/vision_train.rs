@@ -26,7 +26,8 @@ use common::{keep_freed_memory, peak_rss_mb};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    keep_freed_memory();
+    // SAFETY: first thing in `main`, before any other thread is started.
+    unsafe { keep_freed_memory() };
     let steps: usize = std::env::var("SMELT_BENCH_STEPS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -231,7 +231,8 @@ struct TrainArgs {
 }
 
 fn main() {
-    smelt_tasks::allocator::keep_freed_memory();
+    // SAFETY: first thing in `main`, before any other thread is started.
+    unsafe { smelt_tasks::allocator::keep_freed_memory() };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SMELT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

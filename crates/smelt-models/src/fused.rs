@@ -8,7 +8,7 @@
 //!   and one backward for the input, scale and shift gradients together;
 //! - [`swiglu`]: Llama's `silu(gate) * up` with both input gradients in one pass;
 //! - [`cross_entropy`]: the mean next-token loss over a `[n, vocab]` logit matrix, computed
-//!   row by row with a running log-sum-exp; its gradient `softmax - onehot` is written in one
+//!   row by row (row maximum, then exponentials summed in blocks); its gradient `softmax - onehot` is written in one
 //!   pass, never materialising the log-probabilities;
 //! - [`attention`]: scaled dot-product attention per head (causal and key-padding masks
 //!   applied on the fly, grouped-query heads, optional dropout on the probabilities), its
@@ -447,7 +447,7 @@ fn mm(
     accumulate: bool,
     beta: f32,
 ) {
-    debug_assert!(c.len() >= m * n);
+    assert!(c.len() >= m * n);
     // SAFETY: `c` holds `m·n` values; the strides address only elements inside `a` and `b`
     // (every caller passes whole matrices of the stated shapes). One head's product runs on
     // one thread: the heads themselves are the parallel tasks.
@@ -721,6 +721,9 @@ fn cross_entropy_backward(
     scale: f32,
 ) -> Vec<f32> {
     let len = logits.len();
+    // Every row must have its target and log-sum-exp, or rows would stay unwritten.
+    assert_eq!(targets.len() * vocab, len, "one target per logit row");
+    assert_eq!(lse.len(), targets.len(), "one log-sum-exp per logit row");
     let mut dx = Vec::<f32>::with_capacity(len);
     let n = targets.len().max(1) as f32;
     let s = scale / n;

@@ -103,10 +103,11 @@ unsafe fn product(
     }
 }
 
-/// `c (+)= scale · a·b` as in [`product`], on all threads of the pool when `parallel`.
+/// `c (+)= scale · a·b` as in [`product`], on all threads of the pool when `parallel`. The
+/// strides are checked against `a` and `b`.
 ///
 /// # Safety
-/// As for [`product`].
+/// `c` must be valid for `m·n` writes (and reads when `accumulate`).
 pub(crate) unsafe fn scaled_product(
     (m, n, k): (usize, usize, usize),
     (a, (a_rs, a_cs)): (&[f32], (usize, usize)),
@@ -115,8 +116,8 @@ pub(crate) unsafe fn scaled_product(
     (accumulate, scale): (bool, f32),
     parallel: bool,
 ) {
-    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -272,6 +273,7 @@ fn linear_backward(
     let (x_dims, w_dims) = (dims(x), dims(w));
     let (d_in, d_out) = layout.sizes(&w_dims);
     let rows = rows_of(&x_dims);
+    assert_eq!(dyv.len(), rows * d_out, "one output gradient per output");
     let (w_in, w_out) = layout.strides(d_in, d_out);
     // dx[r, i] = Σ_o dy[r, o] W[i, o]: the weight read transposed.
     let dx = needed.x.then(|| {

@@ -822,12 +822,35 @@ mod kernels {
     /// type have one: `x` is loaded once per block for all four, and four independent
     /// accumulator chains keep the FMA units busy.
     pub fn dot_rows(m: &super::QMatrix, r0: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
-        let mut r = r0;
-        let mut done = 0;
+        let done = rows4_where_available(m, r0, x, sums, out);
+        for (i, o) in out[done..].iter_mut().enumerate() {
+            *o = dot_row(m.ty, m.row(r0 + done + i), x);
+        }
+    }
+
+    /// Runs the four-row kernels over the leading multiple of four of `out` where the CPU
+    /// and the type have them; returns how many rows it did.
+    fn rows4_where_available(
+        m: &super::QMatrix,
+        r0: usize,
+        x: &[f32],
+        sums: &[f32],
+        out: &mut [f32],
+    ) -> usize {
         #[cfg(target_arch = "x86_64")]
         if avx512::available() && matches!(m.ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
             let groups = out.len() / 4;
             let rb = m.row_bytes();
+            // The kernels read through raw pointers: check what they rely on (the fields of
+            // a `QMatrix` are public, so its data may not match its shape).
+            assert!(
+                (r0 + 4 * groups) * rb <= m.data.len()
+                    && x.len() == m.cols
+                    && x.len() % 32 == 0
+                    && rb == x.len() / 32 * m.ty.type_size()
+                    && sums.len() * 32 >= x.len(),
+                "four-row kernel: matrix, input and block sums disagree"
+            );
             // SAFETY: `available` checked the features the kernels are compiled for; the
             // matrix holds rows `r0..r0 + 4 · groups` of `x.len()` weights, and `sums` one
             // value per block of `x`.
@@ -843,13 +866,10 @@ mod kernels {
                     &mut out[..4 * groups],
                 );
             }
-            done = 4 * groups;
-            r += done;
+            return 4 * groups;
         }
-        for o in &mut out[done..] {
-            *o = dot_row(m.ty, m.row(r), x);
-            r += 1;
-        }
+        let _ = (m, r0, x, sums, out);
+        0
     }
 
     /// Dot product of one quantized row with `x`.
@@ -936,6 +956,11 @@ mod kernels {
 
         /// Four-row kernel over rows `r0..r0 + out.len()` (a multiple of four) of a matrix
         /// stored in `data` with `rb` bytes per row; Q4_1 or Q8_0 only.
+        ///
+        /// # Safety
+        /// The CPU has the enabled features; `data` holds those rows of `x.len()` weights
+        /// (`rb` bytes each), `lut` all 65,536 f16 values and `sums` one sum per block of 32
+        /// values of `x`.
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
         pub unsafe fn rows4(
@@ -1482,8 +1507,7 @@ mod tests {
     #[test]
     fn team_matvec_agrees_with_dequantized_product() {
         // 4-row kernels, single-row tails, and rows of several matrices in one pass.
-        let team =
-            crate::team::Team::new(std::env::var("TT").map(|v| v.parse().unwrap()).unwrap_or(2));
+        let team = crate::team::Team::new(2);
         let cols = 96;
         for ty in [
             GgmlType::Q4_1,

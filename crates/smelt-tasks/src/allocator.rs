@@ -12,9 +12,14 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// made the first step of a small GPT's training take 10 s instead of 2.5 s and later steps
 /// about 10 % longer. mimalloc reserves its first arena (and asks for huge pages on it)
 /// before `main` runs, so its own option does not reach that arena; the process-wide
-/// `PR_SET_THP_DISABLE` does. Call once at start-up, before other threads exist.
-pub fn keep_freed_memory() {
-    // SAFETY: setting allocator options is a plain store inside mimalloc.
+/// `PR_SET_THP_DISABLE` does.
+///
+/// # Safety
+/// Call once at start-up, before other threads exist: mimalloc's options are plain
+/// (non-atomic) values that other threads would read while they are written.
+pub unsafe fn keep_freed_memory() {
+    // SAFETY: no other thread exists yet (the caller's contract), so these plain stores
+    // inside mimalloc race with nothing.
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_LARGE_OS_PAGES, 0);
         libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
@@ -24,6 +29,7 @@ pub fn keep_freed_memory() {
     // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only; a kernel without
     // it returns an error, which changes nothing and is ignored.
     unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        let (on, unused) = (1 as libc::c_ulong, 0 as libc::c_ulong);
+        libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused);
     }
 }

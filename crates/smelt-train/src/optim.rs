@@ -239,9 +239,15 @@ mod tests {
             }
             let host = |x: &Tensor<1>| x.clone().into_data().try_to_vec::<f32>().unwrap();
             for (what, a, b) in [("param", &pf, &pc), ("m", &mf, &mc), ("v", &vf, &vc)] {
+                // Parameters are of order 1; the moments (the second ones of order 1e-3 and
+                // below) are compared relative to their size.
                 for (x, y) in host(a).iter().zip(host(b)) {
+                    let tol = match what {
+                        "param" => 1e-6 * (1.0 + y.abs()),
+                        _ => 2e-6 * y.abs() + 1e-12,
+                    };
                     assert!(
-                        (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                        (x - y).abs() <= tol,
                         "{what}: {x} vs {y} (decay {weight_decay})"
                     );
                 }
