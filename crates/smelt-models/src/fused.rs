@@ -113,7 +113,8 @@ pub(crate) fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-const CHUNK: usize = 1 << 14;
+/// Elements per parallel task of the elementwise kernels.
+pub(crate) const CHUNK: usize = 1 << 14;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044_715;
 

@@ -4,7 +4,7 @@
 //! parameter, each with a fresh output buffer; here the parameter, its gradient and both
 //! moments are read once and the three results written once.
 
-use crate::fused::{dense, dims, flex, is_fusable, values};
+use crate::fused::{dense, dims, flex, is_fusable, values, CHUNK};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Dispatch, Flex};
 use burn::tensor::Tensor;
@@ -35,8 +35,6 @@ pub trait OptimBackend: burn::backend::Backend {
         step: AdamStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
-
-const CHUNK: usize = 1 << 14;
 
 /// The update's constants, as f32.
 #[derive(Clone, Copy)]
